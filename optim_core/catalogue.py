@@ -1,0 +1,231 @@
+"""The optimizer catalogue: every name in timm's registry (and its ``lookahead_`` form) and every
+``torch.optim`` optimizer class as ``torch.<ClassName>``.
+
+An entry is data: a frozen :class:`OptimizerEntry` that says what the optimizer is, which
+hyper-parameters it takes and their defaults, what it needs beyond a gradient and whether it can run
+here. Optimizers are always built by timm's ``create_optimizer_v2`` or torch's own class, never
+re-implemented (see ``optim_core.params.build_optimizer``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import timm.optim
+import torch
+
+from .errors import Unavailable, UnknownName
+
+TORCH_PREFIX = "torch."
+LOOKAHEAD_PREFIX = "lookahead_"
+IMPLEMENTATIONS = ("default", "foreach", "fused")
+
+# What an optimizer needs beyond a first-order gradient; until a protocol exists for one of these,
+# the entry is unavailable and says why.
+NEEDS_PROTOCOL = {
+    "closure": "re-evaluates the loss several times per step (a closure); the closure protocol is not available yet",
+    "hessian": "needs a Hessian-diagonal estimate with every gradient; the second-order protocol is not available yet",
+    "sparse_grad": "takes sparse gradients only; the sparse-gradient protocol is not available yet",
+}
+
+# timm's Kron draws its preconditioner probes from torch's *global* generator (``torch.randn`` without
+# ``generator=`` unless ``deterministic=True``), so a run must carry that generator's state with it.
+_GLOBAL_RNG_CLASSES = ("timm.optim.kron.Kron",)
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    name: str
+    family: str  # "timm" or "torch"
+    class_path: str
+    description: str
+    defaults: Mapping[str, Any]
+    hyperparameters: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+    available: bool = True
+    reason: str | None = None
+    implementations: tuple[str, ...] = ("default",)
+    uses_global_rng: bool = False
+    lookahead: bool = False
+    timm_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def require_available(self) -> None:
+        if not self.available:
+            raise Unavailable(f"optimizer {self.name!r} is not available here: {self.reason}")
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description, for ``GET /optimizers``."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "class": self.class_path,
+            "description": self.description,
+            "defaults": dict(self.defaults),
+            "hyperparameters": list(self.hyperparameters),
+            "needs": list(self.needs),
+            "available": self.available,
+            "reason": self.reason,
+            "implementations": list(self.implementations),
+            "lookahead": self.lookahead,
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return repr(value)
+
+
+def _signature(cls: type) -> tuple[tuple[str, ...], dict[str, Any]]:
+    names, defaults = [], {}
+    for p in inspect.signature(cls).parameters.values():
+        if p.name == "params" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        names.append(p.name)
+        if p.default is not p.empty:
+            defaults[p.name] = _jsonable(p.default)
+    return tuple(names), defaults
+
+
+def _implementations(hyperparameters: tuple[str, ...]) -> tuple[str, ...]:
+    return ("default", *tuple(i for i in ("foreach", "fused") if i in hyperparameters))
+
+
+def _first_line(doc: str | None) -> str:
+    for line in (doc or "").strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _optional_package(class_path: str) -> tuple[tuple[str, ...], str | None]:
+    """For timm's apex / bitsandbytes entries: what is missing here, if anything."""
+    for prefix, package in (("apex.", "apex"), ("bitsandbytes.", "bitsandbytes")):
+        if class_path.startswith(prefix):
+            missing = []
+            if not torch.cuda.is_available():
+                missing.append("CUDA")
+            if importlib.util.find_spec(package) is None:
+                missing.append(f"the {package} package")
+            needs = ("cuda", f"package:{package}")
+            return needs, (f"needs {' and '.join(missing)}, which this server lacks" if missing else None)
+    return (), None
+
+
+def _timm_entry(name: str, *, lookahead: bool) -> OptimizerEntry:
+    info = timm.optim.get_optimizer_info(name)
+    if isinstance(info.opt_class, str):
+        class_path = info.opt_class
+        hyperparameters: tuple[str, ...] = ()
+        defaults: dict[str, Any] = {}
+        doc_line = ""
+    else:
+        class_path = f"{info.opt_class.__module__}.{info.opt_class.__qualname__}"
+        hyperparameters, defaults = _signature(info.opt_class)
+        doc_line = _first_line(info.opt_class.__doc__)
+    timm_defaults = dict(info.defaults or {})
+    if info.has_momentum:
+        timm_defaults.setdefault("momentum", 0.9)  # create_optimizer_v2's own default
+    defaults.update({k: _jsonable(v) for k, v in timm_defaults.items()})
+    needs, reason = _optional_package(class_path)
+    if info.second_order:
+        needs += ("hessian",)
+        reason = reason or NEEDS_PROTOCOL["hessian"]
+    description = info.description or doc_line
+    if lookahead:
+        hyperparameters += ("lookahead_alpha", "lookahead_k")
+        defaults.update(lookahead_alpha=0.5, lookahead_k=6)
+        description = f"Lookahead (k steps forward, 1 back) around {name}: {description}"
+    return OptimizerEntry(
+        name=f"{LOOKAHEAD_PREFIX}{name}" if lookahead else name,
+        family="timm",
+        class_path=class_path,
+        description=description,
+        defaults=defaults,
+        hyperparameters=hyperparameters,
+        needs=needs,
+        available=reason is None,
+        reason=reason,
+        implementations=_implementations(hyperparameters),
+        uses_global_rng=class_path in _GLOBAL_RNG_CLASSES,
+        lookahead=lookahead,
+        timm_defaults=timm_defaults,
+    )
+
+
+def _register_timm(registry: dict[str, OptimizerEntry]) -> None:
+    for name in map(str, timm.optim.list_optimizers()):
+        registry[name] = _timm_entry(name, lookahead=False)
+
+
+def _register_lookahead(registry: dict[str, OptimizerEntry]) -> None:
+    # create_optimizer_v2 accepts ``lookahead_<name>`` for every registered name
+    for name in map(str, timm.optim.list_optimizers()):
+        entry = _timm_entry(name, lookahead=True)
+        registry[entry.name] = entry
+
+
+_TORCH_NEEDS = {
+    "LBFGS": ("closure",),
+    "SparseAdam": ("sparse_grad",),
+    # torch.optim.Muon rejects anything but 2-D parameters (use groups to give the rest another optimizer)
+    "Muon": ("2d_params",),
+}
+
+
+def _register_torch(registry: dict[str, OptimizerEntry]) -> None:
+    for cls_name in sorted(torch.optim.__all__):
+        cls = getattr(torch.optim, cls_name)
+        if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)) or cls is torch.optim.Optimizer:
+            continue
+        hyperparameters, defaults = _signature(cls)
+        needs = _TORCH_NEEDS.get(cls_name, ())
+        reasons = [NEEDS_PROTOCOL[n] for n in needs if n in NEEDS_PROTOCOL]
+        registry[TORCH_PREFIX + cls_name] = OptimizerEntry(
+            name=TORCH_PREFIX + cls_name,
+            family="torch",
+            class_path=f"torch.optim.{cls_name}",
+            description=_first_line(cls.__doc__) or f"torch.optim.{cls_name}",
+            defaults=defaults,
+            hyperparameters=hyperparameters,
+            needs=needs,
+            available=not reasons,
+            reason=reasons[0] if reasons else None,
+            implementations=_implementations(hyperparameters),
+        )
+
+
+@cache
+def _registry() -> dict[str, OptimizerEntry]:
+    registry: dict[str, OptimizerEntry] = {}
+    _register_timm(registry)
+    _register_lookahead(registry)
+    _register_torch(registry)
+    return registry
+
+
+def list_optimizers() -> list[OptimizerEntry]:
+    return list(_registry().values())
+
+
+def get_optimizer(name: str) -> OptimizerEntry:
+    """The entry for ``name`` (timm names are lower-case; torch classes are ``torch.<ClassName>``)."""
+    try:
+        return _registry()[name]
+    except (KeyError, TypeError):
+        raise UnknownName(
+            f"unknown optimizer {name!r}: use a name of timm.optim.list_optimizers() "
+            f"(optionally prefixed {LOOKAHEAD_PREFIX!r}) or torch.<ClassName>, e.g. 'adamw', 'torch.SGD'"
+        ) from None

@@ -1,0 +1,162 @@
+"""State trees <-> (JSON, named tensors), and the snapshot container.
+
+Optimizer and scheduler ``state_dict``s are trees of dicts, lists, tuples, numbers, strings and tensors.
+``encode_tree`` turns one into plain JSON in which every tensor is replaced by a reference to a named
+tensor, so a snapshot is a safetensors file (the tensors) whose metadata holds the JSON (everything
+else). Nothing is pickled; ``decode_tree`` accepts only the types it wrote.
+
+Dicts are written as sorted ``[key, value]`` pairs so that the same state always gives the same
+bytes: the digest of a resumed run must equal that of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import SnapshotError
+
+_DTYPES = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    )
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise SnapshotError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
+
+
+def _key_order(key: Any) -> tuple[str, str]:
+    return (type(key).__name__, str(key))
+
+
+def encode_tree(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Return a JSON-able copy of ``obj``; tensors go to ``tensors`` under a key derived from ``path``."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, torch.Tensor):
+        if path in tensors:
+            raise SnapshotError(f"two tensors would be stored under {path!r}")
+        tensors[path] = obj.detach()
+        return {"__tensor__": path}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": dtype_name(obj)}
+    if isinstance(obj, torch.device):
+        return {"__device__": str(obj)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_tree(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_tree(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        items = sorted(obj.items(), key=lambda kv: _key_order(kv[0]))
+        pairs = []
+        for k, v in items:
+            if not isinstance(k, (str, int)):
+                raise SnapshotError(f"cannot store a key of type {type(k).__name__} at {path!r}")
+            pairs.append([k, encode_tree(v, f"{path}/{k}", tensors)])
+        return {"__dict__": pairs}
+    raise SnapshotError(f"cannot store a value of type {type(obj).__name__} at {path!r}")
+
+
+def decode_tree(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_tree`."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [decode_tree(v, tensors) for v in obj]
+    if isinstance(obj, dict) and len(obj) == 1:
+        ((tag, value),) = obj.items()
+        if tag == "__tensor__":
+            try:
+                return tensors[value]
+            except KeyError:
+                raise SnapshotError(f"snapshot refers to a missing tensor {value!r}") from None
+        if tag == "__float__":
+            return float(value)
+        if tag == "__dtype__":
+            return parse_dtype(value)
+        if tag == "__device__":
+            return torch.device(value)
+        if tag == "__tuple__":
+            return tuple(decode_tree(v, tensors) for v in value)
+        if tag == "__dict__":
+            return {k: decode_tree(v, tensors) for k, v in value}
+    raise SnapshotError(f"unexpected value in snapshot: {str(obj)[:80]}")
+
+
+def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def pack(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """A safetensors file: ``tensors``, and ``meta`` as JSON in the header's metadata."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        t = _cpu_contiguous(t)
+        # safetensors refuses tensors that share memory; a copy keeps each entry independent
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen:
+            t = t.clone()
+        elif ptr != -1:
+            seen.add(ptr)
+        out[key] = t
+    return st_save(out, metadata={"optim": json.dumps(meta, sort_keys=True, allow_nan=False)})
+
+
+def unpack(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["optim"])
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"not a snapshot: {exc}") from None
+    return meta, tensors
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (any dtype, any shape), without a copy when it is contiguous on CPU."""
+    flat = _cpu_contiguous(t).reshape(-1)
+    return flat.view(torch.uint8).numpy().data
+
+
+def digest(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    """A hash of the whole state: canonical JSON, then every tensor's name, dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(json.dumps(meta, sort_keys=True, allow_nan=False).encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"\0{key}\0{dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()

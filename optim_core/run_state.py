@@ -1,0 +1,343 @@
+"""``RunState``: one training run's optimizer-side state, stepped by gradients, carried as bytes.
+
+``apply(grads, t)`` is one iteration of the user's loop after ``loss.backward()``: the optimizer
+step, then the LR scheduler when it steps per optimizer step, then SWA and EMA. ``to_bytes`` /
+``from_bytes`` carry all of it (parameters, optimizer and scheduler state, averages, counters, the
+RNG an algorithm draws from outside its ``state_dict``, the spec) as a safetensors file whose
+metadata holds the JSON part; everything is keyed by parameter name. A restored state followed by
+the same gradients is bitwise the uninterrupted one (same torch version, same device type).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import codec
+from .averaging import Ema, Swa
+from .catalogue import get_optimizer
+from .errors import (
+    GradientError,
+    NonFiniteGradient,
+    SnapshotError,
+    SpecError,
+    StepFailed,
+    StepMismatch,
+)
+from .params import ParamModule, build_optimizer
+from .schedulers import Schedule
+from .spec import RunSpec
+
+FORMAT = "optim-run/1"
+# torch's global generator is process-wide: runs whose optimizer draws from it take turns.
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present, else CPU; the same code path on both."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    t: int
+    lrs: list[float]
+    skipped: bool = False
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{codec.dtype_name(t.dtype)} {list(t.shape)}"
+
+
+class RunState:
+    def __init__(
+        self,
+        spec: RunSpec | Mapping[str, Any],
+        params: Mapping[str, torch.Tensor],
+        *,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.spec = spec if isinstance(spec, RunSpec) else RunSpec.from_dict(spec)
+        self.entry = get_optimizer(self.spec.optimizer.name)
+        self.entry.require_available()
+        self.device = pick_device(device)
+        initial = self._check_initial_params(params)
+        groups = self.spec.param_groups
+        self.module = ParamModule(
+            [(p.name, initial[p.name].detach().to(self.device, copy=True)) for p in self.spec.params],
+            no_weight_decay=groups.no_weight_decay,
+            group_matcher=groups.timm_group_matcher(),
+            classifier=groups.classifier,
+        )
+        self._params = self.module.by_name()
+        self._rng: dict[str, torch.Tensor] | None = None
+        if self.entry.uses_global_rng:
+            self._rng = {"cpu": torch.Generator().manual_seed(self.spec.seed).get_state()}
+            if self.device.type == "cuda":
+                self._rng["cuda"] = torch.Generator(self.device).manual_seed(self.spec.seed).get_state()
+        self.optimizer = build_optimizer(self.entry, self.module, self.spec.optimizer, groups)
+        self._names_in_optimizer_order = self._optimizer_order()
+        self.schedule = Schedule(self.spec.scheduler, self.optimizer) if self.spec.scheduler else None
+        self.swa = Swa(self.spec.swa, self.module, self.optimizer) if self.spec.swa else None
+        self.ema = Ema(self.spec.ema, self.module) if self.spec.ema else None
+        self.t = 0
+        self.epoch = 0
+        self.skipped_steps = 0
+        self._broken: str | None = None
+
+    # ------------------------------------------------------------------ checks
+    def _check_initial_params(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not isinstance(params, Mapping):
+            raise SpecError(f"initial parameters must map names to tensors, got {type(params).__name__}")
+        expected = {p.name for p in self.spec.params}
+        missing = sorted(expected - set(params))
+        unknown = sorted(set(params) - expected)
+        if missing or unknown:
+            raise SpecError(f"initial parameters do not match the manifest: missing {missing[:10]}, unknown {unknown[:10]}")
+        out = {}
+        for info in self.spec.params:
+            t = params[info.name]
+            if not isinstance(t, torch.Tensor):
+                raise SpecError(f"initial value of {info.name!r} is a {type(t).__name__}, not a tensor")
+            if tuple(t.shape) != info.shape or t.dtype != info.torch_dtype:
+                raise SpecError(
+                    f"initial value of {info.name!r} is {_describe(t)}; the manifest says {info.dtype} {list(info.shape)}"
+                )
+            out[info.name] = t
+        return out
+
+    def check_gradients(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Validate a gradient payload; return it on the run's device in each parameter's dtype.
+
+        A missing name means "no gradient" (``p.grad is None``), as in torch. Lower-precision float
+        gradients (bf16/fp16 on the wire) are applied in the parameter's dtype.
+        """
+        if not isinstance(grads, Mapping):
+            raise GradientError(f"gradients must map parameter names to tensors, got {type(grads).__name__}")
+        unknown = sorted(set(grads) - set(self._params))
+        if unknown:
+            raise GradientError(
+                f"unknown parameter name(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
+                f"the run has {len(self._params)} parameters, e.g. {list(self._params)[:5]}"
+            )
+        out: dict[str, torch.Tensor] = {}
+        for name, g in grads.items():
+            p = self._params[name]
+            if not isinstance(g, torch.Tensor):
+                raise GradientError(f"gradient {name!r} is a {type(g).__name__}, not a tensor")
+            if g.layout != torch.strided:
+                raise GradientError(f"gradient {name!r} is {g.layout}; {self.entry.name!r} takes dense gradients")
+            if not g.is_floating_point():
+                raise GradientError(f"gradient {name!r} has dtype {codec.dtype_name(g.dtype)}; gradients must be floating point")
+            if tuple(g.shape) != tuple(p.shape):
+                raise GradientError(f"gradient {name!r} has shape {list(g.shape)}; the parameter has shape {list(p.shape)}")
+            if g.dtype != p.dtype and torch.finfo(g.dtype).bits >= torch.finfo(p.dtype).bits:
+                raise GradientError(
+                    f"gradient {name!r} has dtype {codec.dtype_name(g.dtype)}, the parameter {codec.dtype_name(p.dtype)}; "
+                    "a gradient must have the parameter's dtype or a narrower float (float16, bfloat16)"
+                )
+            # a fresh copy: the optimizer may change .grad in place, and must not change the caller's tensors
+            out[name] = g.detach().to(device=self.device, dtype=p.dtype, copy=True)
+        return out
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise StepFailed(f"this run state failed earlier and must be reloaded from a snapshot: {self._broken}")
+
+    def _schedule_steps_now(self, *, epoch: bool) -> bool:
+        """Whether the LR scheduler steps at the end of this step (or epoch), SWA's SWALR not having taken over."""
+        if self.schedule is None:
+            return False
+        if self.swa is not None and self.swa.scheduler is not None:
+            count = (self.t + (0 if epoch else 1)) if self.swa.spec.interval == "step" else self.epoch + (1 if epoch else 0)
+            if self.swa.active(count):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ stepping
+    @property
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def apply(self, grads: Mapping[str, torch.Tensor], t: int, loss: float | None = None) -> StepResult:
+        """Apply the gradients computed at step ``t`` (which must be the current step count)."""
+        self._check_usable()
+        if isinstance(t, bool) or not isinstance(t, int) or t != self.t:
+            raise StepMismatch(f"gradient is for step t={t!r}, the run is at t={self.t}", current_t=self.t)
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
+            raise GradientError(f"loss must be a finite number, got {loss!r}")
+        prepared = self.check_gradients(grads)
+        steps_schedule = self._schedule_steps_now(epoch=False)
+        if steps_schedule:
+            assert self.schedule is not None
+            self.schedule.check(epoch=False, metric=loss)
+        nonfinite = sorted(n for n, g in prepared.items() if not bool(torch.isfinite(g).all()))
+        if nonfinite and self.spec.nonfinite == "error":
+            raise NonFiniteGradient(
+                f"gradient(s) {nonfinite[:10]} contain NaN or Inf; the step was not applied "
+                '(a run with nonfinite: "skip" skips such steps, as GradScaler does)'
+            )
+        try:
+            for name, p in self._params.items():
+                p.grad = prepared.get(name)
+            if nonfinite:
+                self.skipped_steps += 1
+            else:
+                with self._rng_scope():
+                    self.optimizer.step()
+            self.t += 1
+            if steps_schedule:
+                assert self.schedule is not None
+                self.schedule.after_step(self.t, loss)
+            if self.swa is not None and self.swa.spec.interval == "step" and self.swa.active(self.t):
+                self.swa.after(self.module, self.t)
+            if self.ema is not None:
+                self.ema.update(self.module, self.t)
+        except Exception as exc:
+            self._broken = f"step t={t} raised {type(exc).__name__}: {exc}"
+            raise StepFailed(f"{self.entry.name!r} failed in step t={t}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            for p in self._params.values():
+                p.grad = None
+        return StepResult(t=self.t, lrs=self.lrs, skipped=bool(nonfinite))
+
+    def step_epoch(self, metric: float | None = None) -> StepResult:
+        """The end of an epoch: epoch-interval schedulers (with the metric for plateau ones) and SWA."""
+        self._check_usable()
+        if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float)) or not math.isfinite(metric)):
+            raise GradientError(f"metric must be a finite number, got {metric!r}")
+        steps_schedule = self._schedule_steps_now(epoch=True)
+        if steps_schedule:
+            assert self.schedule is not None
+            self.schedule.check(epoch=True, metric=metric)
+        try:
+            self.epoch += 1
+            if steps_schedule:
+                assert self.schedule is not None
+                self.schedule.after_epoch(self.epoch, metric)
+            if self.swa is not None and self.swa.spec.interval == "epoch" and self.swa.active(self.epoch):
+                self.swa.after(self.module, self.epoch)
+        except Exception as exc:
+            self._broken = f"epoch step {self.epoch} raised {type(exc).__name__}: {exc}"
+            raise StepFailed(f"epoch step {self.epoch} failed: {type(exc).__name__}: {exc}") from exc
+        return StepResult(t=self.t, lrs=self.lrs)
+
+    @contextmanager
+    def _rng_scope(self) -> Iterator[None]:
+        if self._rng is None:
+            yield
+            return
+        cuda = self.device.type == "cuda"
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.set_rng_state(self._rng["cpu"])
+            if cuda:
+                torch.cuda.set_rng_state(self._rng["cuda"], self.device)
+            yield
+            self._rng = {"cpu": torch.get_rng_state()}
+            if cuda:
+                self._rng["cuda"] = torch.cuda.get_rng_state(self.device)
+
+    # ------------------------------------------------------------------ views
+    def params(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self._params.items()}
+
+    def averages(self, kind: str) -> dict[str, torch.Tensor] | None:
+        avg = {"ema": self.ema, "swa": self.swa}[kind]
+        return {n: t.detach() for n, t in avg.tensors().items()} if avg is not None else None
+
+    # ------------------------------------------------------------------ state
+    def _optimizer_order(self) -> list[str]:
+        name_of = {id(p): n for n, p in self._params.items()}
+        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def optimizer_state_by_name(self) -> dict[str, Any]:
+        """The optimizer's ``state_dict`` with parameter names instead of positions."""
+        sd = dict(self.optimizer.state_dict())
+        names = self._names_in_optimizer_order
+        sd["state"] = {names[i]: v for i, v in sd["state"].items()}
+        sd["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+        return sd
+
+    def _load_optimizer_state(self, named: Mapping[str, Any]) -> None:
+        order = self._names_in_optimizer_order
+        index = {n: i for i, n in enumerate(order)}
+        groups = named["param_groups"]
+        mine = [[self._names_in_optimizer_order[i] for i in g["params"]] for g in self.optimizer.state_dict()["param_groups"]]
+        theirs = [list(g["params"]) for g in groups]
+        if mine != theirs:
+            raise SnapshotError("the snapshot's parameter groups differ from the ones this spec builds")
+        unknown = sorted(set(named["state"]) - set(index))
+        if unknown:
+            raise SnapshotError(f"optimizer state for unknown parameter(s) {unknown[:10]}")
+        sd = dict(named)
+        sd["state"] = {index[n]: v for n, v in named["state"].items()}
+        sd["param_groups"] = [{**g, "params": [index[n] for n in g["params"]]} for g in groups]
+        self.optimizer.load_state_dict(sd)
+
+    def _tree(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "torch": torch.__version__,
+            "device": self.device.type,
+            "spec": self.spec.to_dict(),
+            "t": self.t,
+            "epoch": self.epoch,
+            "skipped_steps": self.skipped_steps,
+            "params": self.params(),
+            "optimizer": self.optimizer_state_by_name(),
+            "scheduler": self.schedule.state_dict() if self.schedule else None,
+            "ema": self.ema.state_dict() if self.ema else None,
+            "swa": self.swa.state_dict() if self.swa else None,
+            "rng": self._rng,
+        }
+
+    def _encoded(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        self._check_usable()
+        tensors: dict[str, torch.Tensor] = {}
+        meta = codec.encode_tree(self._tree(), "", tensors)
+        return meta, tensors
+
+    def to_bytes(self) -> bytes:
+        meta, tensors = self._encoded()
+        return codec.pack(meta, tensors)
+
+    def digest(self) -> str:
+        meta, tensors = self._encoded()
+        return codec.digest(meta, tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, device: str | torch.device | None = None) -> RunState:
+        meta, tensors = codec.unpack(data)
+        tree = codec.decode_tree(meta, tensors)
+        if not isinstance(tree, dict) or tree.get("format") != FORMAT:
+            raise SnapshotError(f"not a run snapshot of format {FORMAT!r}")
+        target = pick_device(device)
+        if tree["torch"] != torch.__version__:
+            raise SnapshotError(
+                f"snapshot was written by torch {tree['torch']}, this process runs {torch.__version__}: "
+                "resuming would not be bitwise exact"
+            )
+        if tree["device"] != target.type:
+            raise SnapshotError(
+                f"snapshot was written on {tree['device']}, this process steps on {target.type}: "
+                "resuming would not be bitwise exact"
+            )
+        state = cls(RunSpec.from_dict(tree["spec"]), tree["params"], device=target)
+        state._load_optimizer_state(tree["optimizer"])
+        if state.schedule is not None:
+            state.schedule.load_state_dict(tree["scheduler"])
+        if state.swa is not None:
+            state.swa.load_state_dict(tree["swa"])
+        if state.ema is not None:
+            state.ema.load_state_dict(tree["ema"])
+        state.t, state.epoch, state.skipped_steps = tree["t"], tree["epoch"], tree["skipped_steps"]
+        state._rng = tree["rng"]
+        return state

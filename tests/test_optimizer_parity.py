@@ -1,0 +1,113 @@
+"""Every catalogue entry, stepped through RunState, is bitwise the optimizer timm / torch builds in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm.optim
+import torch
+
+from optim_core import RunState, Unavailable, get_optimizer, list_optimizers
+from optim_core.catalogue import LOOKAHEAD_PREFIX, TORCH_PREFIX
+
+from .reference import (
+    assert_params_bitwise,
+    assert_tree_bitwise,
+    initial_params,
+    make_grads,
+    make_model,
+    manifest,
+    set_grads,
+)
+
+ENTRIES = list_optimizers()
+AVAILABLE = [e.name for e in ENTRIES if e.available]
+UNAVAILABLE = [e.name for e in ENTRIES if not e.available]
+LR, WD, STEPS, SEED = 0.01, 0.05, 4, 7
+
+
+def test_catalogue_holds_every_timm_and_torch_optimizer() -> None:
+    names = {e.name for e in ENTRIES}
+    timm_names = set(timm.optim.list_optimizers())
+    assert timm_names <= names
+    assert {LOOKAHEAD_PREFIX + n for n in timm_names} <= names
+    torch_classes = {
+        n
+        for n in torch.optim.__all__
+        if isinstance(getattr(torch.optim, n), type)
+        and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+        and n != "Optimizer"
+    }
+    assert {TORCH_PREFIX + n for n in torch_classes} <= names
+    assert len(names) == len(timm_names) * 2 + len(torch_classes)
+
+
+def test_every_entry_describes_itself_as_json() -> None:
+    for e in ENTRIES:
+        d = json.loads(json.dumps(e.describe(), allow_nan=False))
+        assert d["name"] == e.name and d["description"], e.name
+        assert d["available"] == (d["reason"] is None), e.name
+        assert "default" in d["implementations"]
+
+
+def test_protocol_entries_say_what_they_need() -> None:
+    assert "closure" in get_optimizer("torch.LBFGS").needs
+    assert "hessian" in get_optimizer("adahessian").needs
+    assert "sparse_grad" in get_optimizer("torch.SparseAdam").needs
+    assert get_optimizer("adamw").implementations == ("default", "foreach", "fused")
+
+
+def _weight_decay(name: str) -> float | None:
+    entry = get_optimizer(name)
+    return WD if entry.family == "timm" or "weight_decay" in entry.hyperparameters else None
+
+
+def _reference(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """What a user writes in-process for this catalogue name."""
+    if name.startswith(TORCH_PREFIX):
+        cls = getattr(torch.optim, name.removeprefix(TORCH_PREFIX))
+        if _weight_decay(name) is None:
+            return cls(model.parameters(), lr=LR)
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
+        groups = [{"params": no_decay, "weight_decay": 0.0}] if no_decay else []
+        groups.append({"params": decay, "weight_decay": WD})
+        return cls(groups, lr=LR, weight_decay=WD)
+    return timm.optim.create_optimizer_v2(model, opt=name, lr=LR, weight_decay=WD)
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_steps_bitwise_equal_to_in_process(name: str) -> None:
+    only_2d = "2d_params" in get_optimizer(name).needs
+    model = make_model(only_2d=only_2d)
+    options = {"lr": LR} if _weight_decay(name) is None else {"lr": LR, "weight_decay": WD}
+    spec = {"params": manifest(model), "optimizer": {"name": name, **options}, "seed": SEED}
+    run = RunState(spec, initial_params(model))
+    # the last weight gets no gradient at step 2: a missing name means p.grad is None, as in torch
+    grads = make_grads(model, STEPS, drop=(2, "head.weight"))
+
+    torch.manual_seed(SEED)  # what the run's seed stands for: the global RNG at the start of the loop
+    ref = _reference(name, model)
+    for g in grads:
+        set_grads(model, g)
+        ref.step()
+
+    torch.manual_seed(12345)  # the engine must not depend on (or consume) this process's global RNG
+    global_rng = torch.get_rng_state()
+    for k, g in enumerate(grads):
+        result = run.apply(g, k)
+        assert result.t == k + 1
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    assert_params_bitwise(model, run.params(), name)
+    assert_tree_bitwise(ref.state_dict()["state"], run.optimizer.state_dict()["state"], name)
+    assert run.lrs == [g["lr"] for g in ref.param_groups]
+
+
+@pytest.mark.parametrize("name", UNAVAILABLE)
+def test_unavailable_entries_refuse_with_their_reason(name: str) -> None:
+    entry = get_optimizer(name)
+    model = make_model()
+    with pytest.raises(Unavailable) as info:
+        RunState({"params": manifest(model), "optimizer": {"name": name}}, initial_params(model))
+    assert name in str(info.value) and entry.reason is not None and entry.reason in str(info.value)

@@ -1,0 +1,144 @@
+"""State at step k -> bytes -> a new RunState -> continue to 2k: bitwise the uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+import timm.optim
+import torch
+
+from optim_core import RunState, SnapshotError, codec, get_optimizer, list_optimizers
+
+from .reference import (
+    assert_tree_bitwise,
+    bitwise_equal,
+    initial_params,
+    make_grads,
+    make_model,
+    manifest,
+    set_grads,
+)
+
+REPRESENTATIVE = [
+    "sgd",
+    "adamw",
+    "lamb",
+    "adafactor",
+    "lion",
+    "kron",
+    "muon",
+    "lookahead_adamw",
+    "torch.Adafactor",
+    "torch.Muon",
+    "torch.ASGD",
+    "adan",
+    "madgrad",
+]
+K = 6
+
+
+def _spec(model: torch.nn.Module, name: str, **extra: object) -> dict:
+    return {
+        "params": manifest(model),
+        "optimizer": {"name": name, "lr": 0.01, "weight_decay": 0.05},
+        "scheduler": {"name": "cosine", "num_epochs": 3 * K, "warmup_epochs": 3, "warmup_lr": 1e-4, "min_lr": 1e-4},
+        "ema": {"decay": 0.9, "warmup": True},
+        "swa": {"start": K - 2, "every": 2},
+        "seed": 3,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_resume_from_bytes_is_bitwise(name: str) -> None:
+    model = make_model(only_2d="2d_params" in get_optimizer(name).needs)
+    grads = make_grads(model, 2 * K)
+    straight = RunState(_spec(model, name), initial_params(model))
+    for k, g in enumerate(grads):
+        straight.apply(g, k, loss=1.0)
+
+    first = RunState(_spec(model, name), initial_params(model))
+    for k in range(K):
+        first.apply(grads[k], k, loss=1.0)
+    snapshot = first.to_bytes()
+    torch.manual_seed(999)  # the restored run must carry its own RNG, not use this process's
+    resumed = RunState.from_bytes(snapshot)
+    assert resumed.t == K and resumed.digest() == first.digest()
+    for k in range(K, 2 * K):
+        resumed.apply(grads[k], k, loss=1.0)
+
+    assert resumed.digest() == straight.digest()
+    a_params, b_params = straight.params(), resumed.params()
+    assert all(bitwise_equal(a_params[n], b_params[n]) for n in a_params)
+    for kind in ("ema", "swa"):
+        a, b = straight.averages(kind), resumed.averages(kind)
+        assert a is not None and b is not None and all(bitwise_equal(a[n], b[n]) for n in a), kind
+    assert_tree_bitwise(straight.optimizer.state_dict(), resumed.optimizer.state_dict(), name)
+    assert resumed.lrs == straight.lrs
+
+
+def test_digest_changes_with_the_state() -> None:
+    model = make_model()
+    run = RunState(_spec(model, "adamw"), initial_params(model))
+    before = run.digest()
+    run.apply(make_grads(model, 1)[0], 0)
+    assert run.digest() != before
+
+
+def _tampered(data: bytes, **changes: object) -> bytes:
+    meta, tensors = codec.unpack(data)
+    return codec.pack({**meta, "__dict__": [[k, changes.get(k, v)] for k, v in meta["__dict__"]]}, tensors)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("torch", "1.13.0", "torch 1.13.0"),
+        ("device", "cuda" if not torch.cuda.is_available() else "cpu", "bitwise exact"),
+        ("format", "optim-run/999", "format"),
+    ],
+)
+def test_snapshot_from_elsewhere_is_refused(field: str, value: str, message: str) -> None:
+    model = make_model()
+    data = RunState(_spec(model, "adamw"), initial_params(model)).to_bytes()
+    with pytest.raises(SnapshotError, match=message):
+        RunState.from_bytes(_tampered(data, **{field: value}))
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage", b"\xff" * 64, (1 << 40).to_bytes(8, "little") + b"{}"])
+def test_garbage_is_not_a_snapshot(data: bytes) -> None:
+    with pytest.raises(SnapshotError):
+        RunState.from_bytes(data)
+
+
+IMPLEMENTED = [(e.name, impl) for e in list_optimizers() if e.available for impl in e.implementations if impl != "default"]
+
+
+@pytest.mark.parametrize(("name", "implementation"), IMPLEMENTED)
+def test_foreach_and_fused_match_like_with_like(name: str, implementation: str) -> None:
+    model = make_model(only_2d="2d_params" in get_optimizer(name).needs)
+    grads = make_grads(model, 3)
+    # filter_bias_and_bn off: the spec is then exactly `Class(model.parameters(), ...)` for torch.* too
+    spec = {
+        "params": manifest(model),
+        "optimizer": {"name": name, "lr": 0.01, "implementation": implementation},
+        "param_groups": {"filter_bias_and_bn": False},
+    }
+    try:
+        if name.startswith("torch."):
+            ref = getattr(torch.optim, name.removeprefix("torch."))(model.parameters(), lr=0.01, **{implementation: True})
+        else:
+            ref = timm.optim.create_optimizer_v2(model, opt=name, lr=0.01, **{implementation: True})
+    except (RuntimeError, ValueError, TypeError) as exc:
+        # torch has no such kernel for this device: the engine must refuse the same spec, saying so
+        with pytest.raises(Exception, match=implementation) as info:
+            RunState(spec, initial_params(model))
+        assert type(exc).__name__ in str(info.value) or str(exc)[:40] in str(info.value) or implementation in str(info.value)
+        return
+    run = RunState(spec, initial_params(model))
+    for k, g in enumerate(grads):
+        set_grads(model, g)
+        ref.step()
+        run.apply(g, k)
+    params = run.params()
+    assert all(bitwise_equal(p, params[n]) for n, p in model.named_parameters())
+    assert_tree_bitwise(ref.state_dict()["state"], run.optimizer.state_dict()["state"], name)
