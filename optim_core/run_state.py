@@ -10,6 +10,8 @@ the same gradients is bitwise the uninterrupted one (same torch version, same de
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -35,6 +37,7 @@ from .schedulers import Schedule
 from .spec import RunSpec
 
 FORMAT = "optim-run/1"
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # torch's global generator is process-wide: runs whose optimizer draws from it take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
 
@@ -309,6 +312,70 @@ class RunState:
         meta, tensors = self._encoded()
         return codec.pack(meta, tensors)
 
+    def capture(self) -> Captured:
+        """A copy of the whole state, cheap enough for the step's path (a memcpy); serialize it later."""
+        meta, tensors = self._encoded()
+        return Captured(t=self.t, epoch=self.epoch, meta=meta, tensors={k: v.clone() for k, v in tensors.items()})
+
+    def checksum(self) -> str:
+        """A cheap fingerprint of the parameters: per tensor, the integer sum of its bit patterns.
+
+        Integer sums do not depend on the order of the reduction (threads, kernels), so equal
+        parameters always give equal checksums; computing it costs one read of the parameters.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.t}:{self.epoch}".encode())
+        for name, p in self._params.items():
+            flat = p.detach().reshape(-1)
+            as_int = flat.view(_INT_OF_SIZE[flat.element_size()])
+            h.update(f"|{name}:{int(as_int.sum(dtype=torch.int64))}".encode())
+        return h.hexdigest()
+
+    def export(self) -> dict[str, Any]:
+        """A checkpoint for plain torch/timm: ``model``, ``optimizer`` (with ``param_names``), ``lr_scheduler``,
+        ``ema`` / ``swa``, ``step``; only tensors and containers, so ``torch.load(weights_only=True)`` reads it."""
+        sd = self.optimizer.state_dict()
+        names = self._names_in_optimizer_order
+        optimizer = {
+            **sd,
+            "param_groups": [{**g, "param_names": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
+        }
+        return _plain(
+            {
+                "model": self.params(),
+                "optimizer": optimizer,
+                "lr_scheduler": self.schedule.state_dict() if self.schedule else None,
+                "swa_scheduler": self.swa.scheduler.state_dict() if self.swa and self.swa.scheduler else None,
+                "ema": self.averages("ema"),
+                "swa": self.averages("swa"),
+                "step": self.t,
+                "epoch": self.epoch,
+                "spec": self.spec.to_dict(),
+            }
+        )
+
+    def preview_lrs(self, count: int) -> list[list[float]]:
+        """The LR of every group for the next ``count`` intervals of the scheduler, computed on a copy.
+
+        Plateau schedulers are previewed as if the metric never improved or worsened enough to act.
+        """
+        if self.schedule is None:
+            return [self.lrs for _ in range(count)]
+        shadow = _ShadowOptimizer(self.optimizer)
+        tensors: dict[str, torch.Tensor] = {}
+        schedule = Schedule(self.spec.scheduler or {}, shadow)
+        schedule.load_state_dict(codec.decode_tree(codec.encode_tree(self.schedule.state_dict(), "", tensors), tensors))
+        shadow.load_groups(self.optimizer)
+        out = []
+        epoch = self.schedule.interval == "epoch"
+        for i in range(1, count + 1):
+            if epoch:
+                schedule.after_epoch(self.epoch + i, None if not schedule.needs_metric else float("inf"))
+            else:
+                schedule.after_step(self.t + i, None if not schedule.needs_metric else float("inf"))
+            out.append([float(g["lr"]) for g in shadow.param_groups])
+        return out
+
     def digest(self) -> str:
         meta, tensors = self._encoded()
         return codec.digest(meta, tensors)
@@ -341,3 +408,46 @@ class RunState:
         state.t, state.epoch, state.skipped_steps = tree["t"], tree["epoch"], tree["skipped_steps"]
         state._rng = tree["rng"]
         return state
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A frozen copy of a RunState (see ``RunState.capture``)."""
+
+    t: int
+    epoch: int
+    meta: Any
+    tensors: dict[str, torch.Tensor]
+
+    def to_bytes(self) -> bytes:
+        return codec.pack(self.meta, self.tensors)
+
+    def digest(self) -> str:
+        return codec.digest(self.meta, self.tensors)
+
+
+def _plain(obj: Any) -> Any:
+    """Containers and tensors only (weights_only-loadable); tensors cloned to CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+class _ShadowOptimizer(torch.optim.Optimizer):
+    """An optimizer with the run's param groups (hyper-parameters only) and no real parameters:
+    schedulers step it to preview the LR without touching the run."""
+
+    def __init__(self, real: torch.optim.Optimizer) -> None:
+        groups = [
+            {**copy.deepcopy({k: v for k, v in g.items() if k != "params"}), "params": [torch.zeros(1)]}
+            for g in real.param_groups
+        ]
+        super().__init__(groups, copy.deepcopy(real.defaults))
+
+    def load_groups(self, real: torch.optim.Optimizer) -> None:
+        for mine, theirs in zip(self.param_groups, real.param_groups, strict=True):
+            mine.update(copy.deepcopy({k: v for k, v in theirs.items() if k != "params"}))

@@ -1,0 +1,31 @@
+"""The API's JSON models (pydantic only)."""
+
+from .runs import (
+    CheckpointCreate,
+    CheckpointList,
+    CheckpointPublic,
+    ErrorBody,
+    Fork,
+    Rollback,
+    RunCreate,
+    RunList,
+    RunPublic,
+    SchedulePreview,
+    SchedulePublic,
+    ScheduleStep,
+)
+
+__all__ = [
+    "CheckpointCreate",
+    "CheckpointList",
+    "CheckpointPublic",
+    "ErrorBody",
+    "Fork",
+    "Rollback",
+    "RunCreate",
+    "RunList",
+    "RunPublic",
+    "SchedulePreview",
+    "SchedulePublic",
+    "ScheduleStep",
+]

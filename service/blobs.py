@@ -1,0 +1,138 @@
+"""Where tensors live: one interface, two stores, both keeping every promise.
+
+- ``DatabaseBlobStore``: chunks of bounded size as rows of ``blob_chunk``, written in the caller's
+  transaction, so a step and its log record commit (or vanish) together.
+- ``DirectoryBlobStore``: one file per blob, written and fsynced *before* the transaction that
+  references it commits; a crash in between leaves a file that nothing references, which
+  ``collect`` removes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import delete, select, union
+from sqlalchemy.orm import Session
+
+from .errors import StorageUnavailable
+from .models import BlobChunk, Checkpoint, Event, Snapshot
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+def referenced_keys(session: Session) -> set[str]:
+    q = union(
+        select(Event.blob_key).where(Event.blob_key.is_not(None)),
+        select(Snapshot.blob_key),
+        select(Checkpoint.blob_key),
+    )
+    return {k for (k,) in session.execute(q)}
+
+
+class BlobStore(Protocol):
+    def put(self, session: Session, key: str, data: bytes | memoryview) -> None: ...
+
+    def get(self, session: Session, key: str) -> bytes: ...
+
+    def delete(self, session: Session, keys: Iterable[str]) -> None:
+        """Forget ``keys``; for files, only once the deleting transaction has committed (``collect``)."""
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """After the transaction that deleted their rows committed: remove the blobs' files, if any."""
+
+    def collect(self, session: Session) -> int:
+        """Remove what nothing references any more (run at start-up, when no write is in flight)."""
+
+
+class DatabaseBlobStore:
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+
+    def put(self, session: Session, key: str, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        n = max(1, -(-len(view) // self.chunk_bytes))
+        session.add_all(
+            BlobChunk(blob_key=key, part=i, data=bytes(view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes])) for i in range(n)
+        )
+        session.flush()
+
+    def get(self, session: Session, key: str) -> bytes:
+        parts = session.execute(select(BlobChunk.data).where(BlobChunk.blob_key == key).order_by(BlobChunk.part)).scalars().all()
+        if not parts:
+            raise StorageUnavailable(f"blob {key} is missing from the database")
+        return b"".join(parts)
+
+    def delete(self, session: Session, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if keys:
+            session.execute(delete(BlobChunk).where(BlobChunk.blob_key.in_(keys)))
+
+    def drop(self, keys: Iterable[str]) -> None:
+        pass  # the rows went with the transaction
+
+    def collect(self, session: Session) -> int:
+        live = referenced_keys(session)
+        stored = set(session.execute(select(BlobChunk.blob_key).distinct()).scalars())
+        dead = stored - live
+        self.delete(session, dead)
+        return len(dead)
+
+
+class DirectoryBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def put(self, session: Session, key: str, data: bytes | memoryview) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself is durable before the row that names the file commits
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageUnavailable(f"could not write blob {key}: {exc.strerror or exc}") from exc
+
+    def get(self, session: Session, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as exc:
+            raise StorageUnavailable(f"could not read blob {key}: {exc.strerror or exc}") from exc
+
+    def delete(self, session: Session, keys: Iterable[str]) -> None:
+        pass  # the files go in drop(), once the transaction that forgot them has committed
+
+    def drop(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+    def collect(self, session: Session) -> int:
+        live = referenced_keys(session)
+        removed = 0
+        for path in self.root.glob("*/*"):
+            if path.name.split(".")[0] not in live:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,558 @@
+"""Live runs: the in-memory RunStates, their durable log, background snapshots and recovery.
+
+Every public method here is synchronous and runs in a worker thread, under the run's lock (held by
+the route, see ``service.routes``), so requests on one run are serialized while tensor work stays off
+the event loop and other runs proceed.
+
+Durability ("log", the default): a step is applied in memory, then its gradient payload (as received),
+the new ``t`` and a checksum of the parameters are committed in one transaction, then it is
+acknowledged. If the commit fails, the in-memory state (now ahead of the database) is dropped and
+recovered from the database on the next request. Snapshots are copied on the step's path (a memcpy)
+and written by a background thread; the log before the newest snapshot is pruned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+import optim_core
+from optim_core import RunSpec, RunState
+from optim_core.run_state import Captured, StepResult
+from schemas import RunCreate
+
+from . import payloads
+from .blobs import BlobStore, new_key
+from .errors import (
+    CheckpointConflict,
+    CheckpointNotFound,
+    Invalid,
+    InvalidPayload,
+    RecoveryFailed,
+    RunConflict,
+    RunNotFound,
+    ServiceError,
+    StepConflict,
+    StorageUnavailable,
+    from_engine,
+)
+from .models import Checkpoint, Event, Run, Snapshot
+from .settings import Settings
+
+log = logging.getLogger("optim_service")
+
+
+@dataclass
+class Live:
+    """A run in memory. ``seq`` counts applied events (steps and epoch steps)."""
+
+    id: int
+    tenant: str
+    name: str
+    durability: str
+    snapshot_every: int
+    state: RunState
+    seq: int
+    last_step_digest: str | None
+    last_snapshot_seq: int
+    last_snapshot_t: int | None
+    snapshot: Future[None] | None = None
+    created_at: Any = None
+
+    def wait_for_snapshot(self) -> None:
+        """Let a background snapshot land before the run's history is rewritten (rollback, delete)."""
+        if self.snapshot is not None:
+            self.snapshot.result()
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    result: StepResult
+    replayed: bool
+    params: dict[str, torch.Tensor]
+
+
+def spec_digest(spec: RunSpec, durability: str, snapshot_every: int) -> str:
+    canonical = json.dumps({"spec": spec.to_dict(), "durability": durability, "snapshot_every": snapshot_every}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class RunManager:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], blobs: BlobStore) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.blobs = blobs
+        self.device = optim_core.pick_device(settings.device)
+        self._live: dict[tuple[str, str], Live] = {}
+        self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+
+    def close(self) -> None:
+        self._snapshots.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ database helpers
+    def _db(self) -> Session:
+        return self.sessions()
+
+    def _storage_failed(self, exc: Exception, what: str) -> StorageUnavailable:
+        log.warning("storage failure while %s: %s", what, exc)
+        return StorageUnavailable(
+            f"the database is unavailable while {what}; nothing was acknowledged, retry: {exc.__class__.__name__}"
+        )
+
+    def _row(self, session: Session, tenant: str, name: str) -> Run:
+        row = session.execute(select(Run).where(Run.tenant == tenant, Run.name == name)).scalar_one_or_none()
+        if row is None:
+            raise RunNotFound(f"run {name!r} does not exist")
+        return row
+
+    # ------------------------------------------------------------------ create / load
+    def create(self, tenant: str, body: RunCreate, params: dict[str, torch.Tensor]) -> tuple[Live, bool]:
+        """Create the run, or answer the existing one when the spec is the same. Returns (live, created)."""
+        try:
+            spec = RunSpec.from_dict(body.spec)
+        except optim_core.EngineError as exc:
+            raise from_engine(exc) from None
+        snapshot_every = body.snapshot_every or self.settings.default_snapshot_every
+        digest = spec_digest(spec, body.durability, snapshot_every)
+        try:
+            with self._db() as session:
+                existing = session.execute(select(Run).where(Run.tenant == tenant, Run.name == body.name)).scalar_one_or_none()
+                count = session.query(Run).filter(Run.tenant == tenant).count() if existing is None else 0
+        except SQLAlchemyError as exc:
+            raise self._storage_failed(exc, "looking up the run") from exc
+        if existing is not None:
+            if existing.spec_digest != digest:
+                raise RunConflict(f"run {body.name!r} exists with another spec (or durability policy); choose another name")
+            return self.get(tenant, body.name), False
+        if count >= self.settings.max_runs:
+            raise Invalid(f"this tenant has {count} runs, the limit is {self.settings.max_runs}")
+        try:
+            state = RunState(spec, params, device=self.device)
+        except optim_core.EngineError as exc:
+            raise from_engine(exc) from None
+        captured = state.capture()
+        data, state_digest = captured.to_bytes(), captured.digest()
+        key = new_key()
+        try:
+            with self._db() as session, session.begin():
+                run = Run(
+                    tenant=tenant,
+                    name=body.name,
+                    spec=spec.to_dict(),
+                    spec_digest=digest,
+                    durability=body.durability,
+                    snapshot_every=snapshot_every,
+                    t=0,
+                    epoch=0,
+                    seq=0,
+                )
+                session.add(run)
+                session.flush()
+                self.blobs.put(session, key, data)
+                session.add(Snapshot(run_id=run.id, seq=0, t=0, digest=state_digest, blob_key=key, size=len(data)))
+                run_id, created_at = run.id, run.created_at
+        except IntegrityError:
+            # created meanwhile by a concurrent request: answer as if it had been first
+            return self.create(tenant, body, params)
+        except SQLAlchemyError as exc:
+            raise self._storage_failed(exc, "creating the run") from exc
+        live = Live(
+            id=run_id,
+            tenant=tenant,
+            name=body.name,
+            durability=body.durability,
+            snapshot_every=snapshot_every,
+            state=state,
+            seq=0,
+            last_step_digest=None,
+            last_snapshot_seq=0,
+            last_snapshot_t=0,
+            created_at=created_at,
+        )
+        self._live[(tenant, body.name)] = live
+        return live, True
+
+    def get(self, tenant: str, name: str) -> Live:
+        """The live run, recovered from the database if it is not in memory."""
+        live = self._live.get((tenant, name))
+        if live is None:
+            live = self._recover(tenant, name)
+            self._live[(tenant, name)] = live
+        return live
+
+    def evict(self, tenant: str, name: str) -> None:
+        self._live.pop((tenant, name), None)
+
+    def _recover(self, tenant: str, name: str) -> Live:
+        """Newest snapshot + replay of the log after it, checked against the recorded digests."""
+        try:
+            with self._db() as session:
+                row = self._row(session, tenant, name)
+                snap = session.execute(
+                    select(Snapshot).where(Snapshot.run_id == row.id).order_by(Snapshot.seq.desc()).limit(1)
+                ).scalar_one_or_none()
+                if snap is None:
+                    raise RecoveryFailed(f"run {name!r} has no snapshot to recover from")
+                data = self.blobs.get(session, snap.blob_key)
+                events = (
+                    session.execute(select(Event).where(Event.run_id == row.id, Event.seq > snap.seq).order_by(Event.seq))
+                    .scalars()
+                    .all()
+                )
+                payloads_by_key = {e.blob_key: self.blobs.get(session, e.blob_key) for e in events if e.blob_key}
+                last_step = session.execute(
+                    select(Event.grad_digest)
+                    .where(Event.run_id == row.id, Event.kind == "step")
+                    .order_by(Event.seq.desc())
+                    .limit(1)
+                ).scalar_one_or_none()
+        except SQLAlchemyError as exc:
+            raise self._storage_failed(exc, "recovering the run") from exc
+        try:
+            state = RunState.from_bytes(data, device=self.device)
+        except optim_core.EngineError as exc:
+            raise RecoveryFailed(f"run {name!r}: its snapshot at t={snap.t} cannot be loaded here: {exc}") from None
+        if state.digest() != snap.digest:
+            raise RecoveryFailed(f"run {name!r}: the snapshot at t={snap.t} does not match its recorded digest")
+        seq = snap.seq
+        for ev in events:
+            if ev.seq != seq + 1:
+                raise RecoveryFailed(f"run {name!r}: the log jumps from event {seq} to {ev.seq}")
+            try:
+                if ev.kind == "step":
+                    grads, _ = payloads.decode(payloads_by_key[ev.blob_key])
+                    state.apply(grads, ev.t, loss=ev.value)
+                else:
+                    state.step_epoch(metric=ev.value)
+            except (optim_core.EngineError, optim_core.StepFailed, ServiceError) as exc:
+                raise RecoveryFailed(f"run {name!r}: replaying event {ev.seq} (t={ev.t}) failed: {exc}") from None
+            if state.checksum() != ev.checksum:
+                raise RecoveryFailed(
+                    f"run {name!r}: replaying event {ev.seq} (t={ev.t}) does not reproduce the recorded parameters; "
+                    "refusing to resume a diverged state"
+                )
+            seq = ev.seq
+        if row.durability == "log" and (seq != row.seq or state.t != row.t):
+            raise RecoveryFailed(f"run {name!r}: the log ends at t={state.t} but the run says t={row.t}")
+        log.info("recovered run %r at t=%d (snapshot t=%d + %d events)", name, state.t, snap.t, len(events))
+        return Live(
+            id=row.id,
+            tenant=tenant,
+            name=name,
+            durability=row.durability,
+            snapshot_every=row.snapshot_every,
+            state=state,
+            seq=seq,
+            last_step_digest=last_step,
+            last_snapshot_seq=snap.seq,
+            last_snapshot_t=snap.t,
+            created_at=row.created_at,
+        )
+
+    # ------------------------------------------------------------------ the hot path
+    def step(self, live: Live, *, t: int, payload: bytes, content_type: str, loss: float | None) -> StepOutcome:
+        state = live.state
+        if content_type == "json":
+            try:
+                body = json.loads(payload)
+            except ValueError as exc:
+                raise InvalidPayload(f"the body is not JSON: {exc}") from None
+            if not isinstance(body, dict) or "grads" not in body:
+                raise Invalid('a JSON step body is {"grads": {name: nested lists}, "loss": optional number}')
+            if loss is None and body.get("loss") is not None:
+                loss = body["loss"]
+            grads = payloads.from_json_lists(body["grads"], state.params(), "grads")
+            payload = payloads.encode(grads)
+        else:
+            grads, _ = payloads.decode(payload)
+        gdigest = payloads.digest(payload)
+        if t == state.t - 1 and live.last_step_digest is not None:
+            if gdigest == live.last_step_digest:
+                return StepOutcome(StepResult(t=state.t, lrs=state.lrs), replayed=True, params=state.params())
+            raise StepConflict(
+                f"step t={t} was already applied with a different gradient; the run is at t={state.t}", current_t=state.t
+            )
+        if t != state.t:
+            what = "stale: resync from GET /runs/{run}/params" if t < state.t else "ahead of the run"
+            raise StepConflict(f"gradient is for t={t} but the run is at t={state.t} ({what})", current_t=state.t)
+        try:
+            result = state.apply(grads, t, loss=loss)
+        except optim_core.StepFailed as exc:
+            self.evict(live.tenant, live.name)  # reloaded from the durable state on the next request
+            raise Invalid(f"the optimizer failed on this gradient and nothing was applied: {exc}") from None
+        except optim_core.EngineError as exc:
+            raise from_engine(exc) from None
+        self._commit_event(live, kind="step", t=t, value=loss, grad_digest=gdigest, payload=payload)
+        live.last_step_digest = gdigest
+        self._maybe_snapshot(live)
+        return StepOutcome(result, replayed=False, params=state.params())
+
+    def step_epoch(self, live: Live, *, metric: float | None) -> StepResult:
+        try:
+            result = live.state.step_epoch(metric=metric)
+        except optim_core.StepFailed as exc:
+            self.evict(live.tenant, live.name)
+            raise Invalid(f"the epoch step failed and nothing was applied: {exc}") from None
+        except optim_core.EngineError as exc:
+            raise from_engine(exc) from None
+        self._commit_event(live, kind="epoch", t=live.state.t, value=metric, grad_digest=None, payload=None)
+        return result
+
+    def _commit_event(
+        self, live: Live, *, kind: str, t: int, value: float | None, grad_digest: str | None, payload: bytes | None
+    ) -> None:
+        state = live.state
+        if live.durability == "log":
+            key = new_key() if payload is not None else None
+            try:
+                with self._db() as session, session.begin():
+                    if key is not None and payload is not None:
+                        self.blobs.put(session, key, payload)
+                    session.add(
+                        Event(
+                            run_id=live.id,
+                            seq=live.seq + 1,
+                            kind=kind,
+                            t=t,
+                            value=value,
+                            grad_digest=grad_digest,
+                            checksum=state.checksum(),
+                            blob_key=key,
+                        )
+                    )
+                    session.execute(update(Run).where(Run.id == live.id).values(t=state.t, epoch=state.epoch, seq=live.seq + 1))
+            except (SQLAlchemyError, StorageUnavailable) as exc:
+                # the state in memory is ahead of the database: drop it, recover on the next request
+                self.evict(live.tenant, live.name)
+                if isinstance(exc, StorageUnavailable):
+                    raise
+                raise self._storage_failed(exc, f"logging step t={t}") from exc
+        live.seq += 1
+
+    # ------------------------------------------------------------------ snapshots
+    def _maybe_snapshot(self, live: Live) -> None:
+        if live.seq - live.last_snapshot_seq < live.snapshot_every:
+            return
+        if live.snapshot is not None and not live.snapshot.done():
+            return  # one at a time; the next step tries again
+        captured = live.state.capture()
+        live.snapshot = self._snapshots.submit(self._write_snapshot, live, captured, live.seq)
+
+    def _write_snapshot(self, live: Live, captured: Captured, seq: int) -> None:
+        try:
+            self.write_snapshot(live, captured, seq)
+        except Exception:
+            log.exception("snapshot of run %r at t=%d failed", live.name, captured.t)
+
+    def write_snapshot(self, live: Live, captured: Captured, seq: int) -> None:
+        data, digest = captured.to_bytes(), captured.digest()
+        key = new_key()
+        with self._db() as session, session.begin():
+            if session.get(Run, live.id) is None:
+                return  # deleted meanwhile
+            self.blobs.put(session, key, data)
+            session.add(Snapshot(run_id=live.id, seq=seq, t=captured.t, digest=digest, blob_key=key, size=len(data)))
+            old = session.execute(select(Snapshot).where(Snapshot.run_id == live.id, Snapshot.seq < seq)).scalars().all()
+            # the event at `seq` stays: it holds the digest a retry of the last step is checked against
+            pruned = (
+                session.execute(
+                    select(Event.blob_key).where(Event.run_id == live.id, Event.seq < seq, Event.blob_key.is_not(None))
+                )
+                .scalars()
+                .all()
+            )
+            session.execute(delete(Event).where(Event.run_id == live.id, Event.seq < seq))
+            for s in old:
+                session.delete(s)
+            self.blobs.delete(session, [*pruned, *(s.blob_key for s in old)])
+            if live.durability == "snapshot":
+                session.execute(update(Run).where(Run.id == live.id).values(t=captured.t, epoch=captured.epoch, seq=seq))
+        self.blobs.drop([*pruned, *(s.blob_key for s in old)])
+        live.last_snapshot_seq, live.last_snapshot_t = seq, captured.t
+
+    def flush_all(self) -> None:
+        """At shutdown: snapshot-only runs write what they have, so a clean stop loses nothing."""
+        for live in list(self._live.values()):
+            live.wait_for_snapshot()
+            if live.durability == "snapshot" and live.seq > live.last_snapshot_seq:
+                self.write_snapshot(live, live.state.capture(), live.seq)
+
+    # ------------------------------------------------------------------ runs
+    def list_runs(self, tenant: str) -> list[Run]:
+        try:
+            with self._db() as session:
+                return list(session.execute(select(Run).where(Run.tenant == tenant).order_by(Run.id)).scalars())
+        except SQLAlchemyError as exc:
+            raise self._storage_failed(exc, "listing runs") from exc
+
+    def delete(self, tenant: str, name: str) -> None:
+        live = self._live.get((tenant, name))
+        if live is not None:
+            live.wait_for_snapshot()
+        try:
+            with self._db() as session, session.begin():
+                row = self._row(session, tenant, name)
+                keys = self._blob_keys_of(session, row.id)
+                session.delete(row)
+                session.flush()
+                self.blobs.delete(session, keys)
+        except SQLAlchemyError as exc:
+            raise self._storage_failed(exc, "deleting the run") from exc
+        self.evict(tenant, name)
+        self.blobs.drop(keys)
+
+    def _blob_keys_of(self, session: Session, run_id: int) -> list[str]:
+        keys = list(session.execute(select(Event.blob_key).where(Event.run_id == run_id, Event.blob_key.is_not(None))).scalars())
+        keys += session.execute(select(Snapshot.blob_key).where(Snapshot.run_id == run_id)).scalars().all()
+        keys += session.execute(select(Checkpoint.blob_key).where(Checkpoint.run_id == run_id)).scalars().all()
+        return [k for k in keys if k]
+
+    # ------------------------------------------------------------------ checkpoints
+    def create_checkpoint(self, live: Live, name: str) -> Checkpoint:
+        captured = live.state.capture()
+        data, digest = captured.to_bytes(), captured.digest()
+        key = new_key()
+        try:
+            with self._db() as session, session.begin():
+                self.blobs.put(session, key, data)
+                ckpt = Checkpoint(
+                    run_id=live.id,
+                    name=name,
+                    seq=live.seq,
+                    t=live.state.t,
+                    epoch=live.state.epoch,
+                    digest=digest,
+                    blob_key=key,
+                    size=len(data),
+                )
+                session.add(ckpt)
+                session.flush()
+        except IntegrityError:
+            self.blobs.drop([key])
+            raise CheckpointConflict(f"run {live.name!r} already has a checkpoint {name!r}") from None
+        except SQLAlchemyError as exc:
+            raise self._storage_failed(exc, "writing the checkpoint") from exc
+        return ckpt
+
+    def list_checkpoints(self, live: Live) -> list[Checkpoint]:
+        with self._db() as session:
+            return list(session.execute(select(Checkpoint).where(Checkpoint.run_id == live.id).order_by(Checkpoint.id)).scalars())
+
+    def _checkpoint(self, session: Session, live: Live, name: str) -> Checkpoint:
+        ckpt = session.execute(
+            select(Checkpoint).where(Checkpoint.run_id == live.id, Checkpoint.name == name)
+        ).scalar_one_or_none()
+        if ckpt is None:
+            raise CheckpointNotFound(f"run {live.name!r} has no checkpoint {name!r}")
+        return ckpt
+
+    def checkpoint_state(self, live: Live, name: str) -> tuple[Checkpoint, RunState]:
+        with self._db() as session:
+            ckpt = self._checkpoint(session, live, name)
+            data = self.blobs.get(session, ckpt.blob_key)
+        try:
+            return ckpt, RunState.from_bytes(data, device=self.device)
+        except optim_core.EngineError as exc:
+            raise RecoveryFailed(f"checkpoint {name!r} cannot be loaded here: {exc}") from None
+
+    def delete_checkpoint(self, live: Live, name: str) -> None:
+        with self._db() as session, session.begin():
+            ckpt = self._checkpoint(session, live, name)
+            key = ckpt.blob_key
+            session.delete(ckpt)
+            self.blobs.delete(session, [key])
+        self.blobs.drop([key])
+
+    def rollback(self, live: Live, checkpoint: str) -> Live:
+        """The run goes back to the checkpoint: its log and snapshots after it are dropped."""
+        live.wait_for_snapshot()
+        ckpt, state = self.checkpoint_state(live, checkpoint)
+        captured = state.capture()
+        data = captured.to_bytes()
+        key = new_key()
+        with self._db() as session, session.begin():
+            dropped = [k for k in self._blob_keys_of(session, live.id) if k not in self._checkpoint_keys(session, live.id)]
+            session.execute(delete(Event).where(Event.run_id == live.id))
+            session.execute(delete(Snapshot).where(Snapshot.run_id == live.id))
+            self.blobs.put(session, key, data)
+            session.add(Snapshot(run_id=live.id, seq=ckpt.seq, t=ckpt.t, digest=ckpt.digest, blob_key=key, size=len(data)))
+            session.execute(update(Run).where(Run.id == live.id).values(t=ckpt.t, epoch=ckpt.epoch, seq=ckpt.seq))
+            self.blobs.delete(session, dropped)
+        self.blobs.drop(dropped)
+        new = Live(
+            id=live.id,
+            tenant=live.tenant,
+            name=live.name,
+            durability=live.durability,
+            snapshot_every=live.snapshot_every,
+            state=state,
+            seq=ckpt.seq,
+            last_step_digest=None,
+            last_snapshot_seq=ckpt.seq,
+            last_snapshot_t=ckpt.t,
+            created_at=live.created_at,
+        )
+        self._live[(live.tenant, live.name)] = new
+        return new
+
+    def _checkpoint_keys(self, session: Session, run_id: int) -> set[str]:
+        return set(session.execute(select(Checkpoint.blob_key).where(Checkpoint.run_id == run_id)).scalars())
+
+    def fork(self, live: Live, *, checkpoint: str, name: str, durability: str | None, snapshot_every: int | None) -> Live:
+        """A new run that starts from the checkpoint, with the same spec."""
+        ckpt, state = self.checkpoint_state(live, checkpoint)
+        durability = durability or live.durability
+        snapshot_every = snapshot_every or live.snapshot_every
+        captured = state.capture()
+        data = captured.to_bytes()
+        key = new_key()
+        try:
+            with self._db() as session, session.begin():
+                run = Run(
+                    tenant=live.tenant,
+                    name=name,
+                    spec=state.spec.to_dict(),
+                    spec_digest=spec_digest(state.spec, durability, snapshot_every),
+                    durability=durability,
+                    snapshot_every=snapshot_every,
+                    t=ckpt.t,
+                    epoch=ckpt.epoch,
+                    seq=ckpt.seq,
+                )
+                session.add(run)
+                session.flush()
+                self.blobs.put(session, key, data)
+                session.add(Snapshot(run_id=run.id, seq=ckpt.seq, t=ckpt.t, digest=ckpt.digest, blob_key=key, size=len(data)))
+                run_id, created_at = run.id, run.created_at
+        except IntegrityError:
+            self.blobs.drop([key])
+            raise RunConflict(f"run {name!r} already exists") from None
+        forked = Live(
+            id=run_id,
+            tenant=live.tenant,
+            name=name,
+            durability=durability,
+            snapshot_every=snapshot_every,
+            state=state,
+            seq=ckpt.seq,
+            last_step_digest=None,
+            last_snapshot_seq=ckpt.seq,
+            last_snapshot_t=ckpt.t,
+            created_at=created_at,
+        )
+        self._live[(live.tenant, name)] = forked
+        return forked
+
+    # ------------------------------------------------------------------ maintenance
+    def collect_garbage(self) -> int:
+        with self._db() as session, session.begin():
+            return self.blobs.collect(session)

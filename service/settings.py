@@ -1,0 +1,52 @@
+"""All of the service's settings, in one place: environment variables with the ``OPTIM_`` prefix."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPTIM_", extra="forbid", frozen=True)
+
+    database_url: str = Field(
+        default="sqlite:///./data/optim.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db",
+    )
+    data_dir: Path = Field(default=Path("./data"), description="Where the directory blob store and the SQLite file live.")
+    blob_store: Literal["database", "directory"] = Field(
+        default="database", description="Where tensors (step log, snapshots, checkpoints) are kept."
+    )
+    blob_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, description="Row size of the database blob store.")
+    max_body_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest request body accepted (413 beyond).")
+    default_snapshot_every: int = Field(default=100, ge=1, description="Snapshot interval of runs that do not set one.")
+    max_runs: int = Field(default=10_000, ge=1, description="Most runs a tenant may keep.")
+    device: str | None = Field(default=None, description="Torch device to step on; default CUDA when present, else CPU.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str) -> str:
+        if not url.startswith(("sqlite:///", "postgresql+psycopg://", "postgresql://")):
+            raise ValueError(f"OPTIM_DATABASE_URL must be sqlite:///... or postgresql+psycopg://..., got {url!r}")
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        return url
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str | None) -> str | None:
+        if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"OPTIM_DEVICE must be cpu or cuda[:N], got {device!r}")
+        return device
+
+    @cached_property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @cached_property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"

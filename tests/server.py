@@ -1,0 +1,143 @@
+"""A real optim-service process on 127.0.0.1, on a fresh SQLite file or PostgreSQL database."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import torch
+from alembic import command
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from service.db import alembic_config, make_engine
+from service.settings import Settings
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _pg_reachable() -> tuple[bool, str]:
+    try:
+        with psycopg.connect(PG_ADMIN, connect_timeout=3):
+            return True, ""
+    except psycopg.Error as exc:
+        return False, f"PostgreSQL is not reachable at 127.0.0.1:5432 ({exc.__class__.__name__}); its tests cannot run here"
+
+
+PG_AVAILABLE, PG_REASON = _pg_reachable()
+DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_AVAILABLE, reason=PG_REASON))]
+BLOB_STORES = ["database", "directory"]
+
+
+@contextlib.contextmanager
+def database(kind: str, tmp: Path) -> Iterator[str]:
+    """A database of its own for one test, at head, dropped afterwards."""
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp / 'optim.db'}"
+        migrate(url, tmp)
+        yield url
+        return
+    name = f"optim_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    try:
+        migrate(url, tmp)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def migrate(url: str, tmp: Path, revision: str = "head") -> None:
+    settings = Settings(database_url=url, data_dir=tmp)
+    make_engine(settings).dispose()
+    command.upgrade(alembic_config(settings.database_url), revision)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    blob_store: str = "database"
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> Server:
+        env = {
+            **os.environ,
+            "OPTIM_DATABASE_URL": self.url,
+            "OPTIM_DATA_DIR": str(self.data_dir),
+            "OPTIM_BLOB_STORE": self.blob_store,
+            **self.env,
+        }
+        log = open(self.data_dir / f"server-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                if httpx.get(self.base + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server did not start in {timeout}s: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.data_dir.glob("server-*.log")))
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, timeout=60)
+
+
+def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def decode(data: bytes) -> dict[str, torch.Tensor]:
+    return st_load(data)
