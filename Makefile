@@ -19,7 +19,8 @@ install: $(STAMP)
 
 serve: $(STAMP)
 	mkdir -p data
-	$(BIN)/python -m optim_core
+	$(BIN)/optim-service migrate
+	$(BIN)/optim-service serve --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
