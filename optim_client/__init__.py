@@ -1,4 +1,6 @@
-"""optim_client: the worker's side of optim-service (RemoteOptimizer arrives with issue 4).
+"""optim_client: the worker's side of optim-service. Needs torch, httpx and safetensors only."""
 
-It needs torch, httpx and safetensors only, never the server's dependencies.
-"""
+from .remote import RemoteOptimizer, RemoteScheduler
+from .transport import OptimServiceError
+
+__all__ = ["OptimServiceError", "RemoteOptimizer", "RemoteScheduler"]

@@ -354,6 +354,73 @@ class RunState:
             }
         )
 
+    def load_export(self, data: Mapping[str, Any]) -> RunState:
+        """A new RunState: this one with the parts of an ``export()``-shaped dict loaded into it.
+
+        ``optimizer`` (a torch ``state_dict`` of this run's optimizer; ``param_names`` are checked when
+        present), and optionally ``model``, ``lr_scheduler``, ``swa_scheduler``, ``ema``, ``swa``, ``step``,
+        ``epoch``. This state is left untouched; what does not fit raises ``SnapshotError`` naming it.
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("optimizer"), Mapping):
+            raise SnapshotError("a state to load must be a dict with at least 'optimizer' (a torch optimizer state_dict)")
+        new = RunState.from_bytes(self.to_bytes(), device=self.device)
+        try:
+            new._load_export(data)
+        except SnapshotError:
+            raise
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise SnapshotError(f"the state does not fit this run: {type(exc).__name__}: {exc}") from None
+        return new
+
+    def _load_export(self, data: Mapping[str, Any]) -> None:
+        for key, tensors in (("model", self._params), ("ema", self.averages("ema")), ("swa", self.averages("swa"))):
+            given = data.get(key)
+            if given is None:
+                continue
+            if tensors is None:
+                raise SnapshotError(f"the state has {key!r} but this run keeps no such average")
+            for name, value in given.items():
+                if name not in tensors:
+                    raise SnapshotError(f"{key}: unknown parameter {name!r}")
+                target = tensors[name]
+                if not isinstance(value, torch.Tensor) or value.shape != target.shape or value.dtype != target.dtype:
+                    what = _describe(value) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise SnapshotError(f"{key}: {name!r} is {what}, the run has {_describe(target)}")
+                with torch.no_grad():
+                    target.copy_(value)
+        sd = dict(data["optimizer"])
+        groups = []
+        for i, g in enumerate(sd.get("param_groups", [])):
+            g = dict(g)
+            names = g.pop("param_names", None)
+            expected = [self._names_in_optimizer_order[j] for j in g.get("params", []) if j < len(self._names_in_optimizer_order)]
+            if names is not None and list(names) != expected:
+                raise SnapshotError(f"optimizer param_groups[{i}] holds {list(names)[:5]}..., this run has {expected[:5]}...")
+            groups.append(g)
+        sd["param_groups"] = groups
+        self.optimizer.load_state_dict(sd)
+        if data.get("lr_scheduler") is not None:
+            if self.schedule is None:
+                raise SnapshotError("the state has an lr_scheduler but this run has none")
+            self.schedule.load_state_dict(data["lr_scheduler"])
+        if data.get("swa_scheduler") is not None and self.swa is not None and self.swa.scheduler is not None:
+            self.swa.scheduler.load_state_dict(data["swa_scheduler"])
+        for key in ("step", "epoch"):
+            value = data.get(key)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise SnapshotError(f"{key} must be a non-negative integer, got {value!r}")
+                setattr(self, "t" if key == "step" else "epoch", value)
+
+    def groups(self) -> list[dict[str, Any]]:
+        """The optimizer's param groups by name, with their JSON-able options."""
+        names = self._names_in_optimizer_order
+        out = []
+        for g in self.optimizer.state_dict()["param_groups"]:
+            options = {k: v for k, v in g.items() if k != "params" and (v is None or isinstance(v, (bool, int, float, str)))}
+            out.append({"params": [names[i] for i in g["params"]], **options})
+        return out
+
     def preview_lrs(self, count: int) -> list[list[float]]:
         """The LR of every group for the next ``count`` intervals of the scheduler, computed on a copy.
 

@@ -41,6 +41,7 @@ class RunPublic(BaseModel):
     snapshot_every: int
     last_snapshot_t: int | None
     skipped_steps: int
+    groups: list[dict[str, Any]] = Field(description="The optimizer's param groups: parameter names and options.")
     spec: dict[str, Any]
     created_at: datetime | None = None
 

@@ -1,4 +1,4 @@
-"""``optim-service``: serve and migrate (the runs / checkpoints commands come with the client, issue 4)."""
+"""``optim-service``: serve and migrate here; ``runs`` and ``checkpoints`` talk to a running service."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import logging
 import typer
 from alembic import command
 
+from optim_client.cli import checkpoints_app, runs_app
+
 from .db import alembic_config
 from .settings import Settings
 
 cli = typer.Typer(help="optim-service: the optimizer of a training run, hosted.", no_args_is_help=True)
+cli.add_typer(runs_app, name="runs")
+cli.add_typer(checkpoints_app, name="checkpoints")
 
 
 @cli.command()

@@ -476,17 +476,33 @@ class RunManager:
         """The run goes back to the checkpoint: its log and snapshots after it are dropped."""
         live.wait_for_snapshot()
         ckpt, state = self.checkpoint_state(live, checkpoint)
+        return self._reset(live, state, seq=ckpt.seq)
+
+    def load_state(self, live: Live, data: Any) -> Live:
+        """Replace the run's state by a torch-format one (``RemoteOptimizer.load_state_dict``), durably."""
+        live.wait_for_snapshot()
+        try:
+            state = live.state.load_export(data)
+        except optim_core.EngineError as exc:
+            raise from_engine(exc) from None
+        return self._reset(live, state, seq=live.seq + 1)
+
+    def _reset(self, live: Live, state: RunState, *, seq: int) -> Live:
+        """Make ``state`` the run's whole history: one snapshot at ``seq``, no log, checkpoints kept."""
         captured = state.capture()
-        data = captured.to_bytes()
+        blob, digest = captured.to_bytes(), captured.digest()
         key = new_key()
-        with self._db() as session, session.begin():
-            dropped = [k for k in self._blob_keys_of(session, live.id) if k not in self._checkpoint_keys(session, live.id)]
-            session.execute(delete(Event).where(Event.run_id == live.id))
-            session.execute(delete(Snapshot).where(Snapshot.run_id == live.id))
-            self.blobs.put(session, key, data)
-            session.add(Snapshot(run_id=live.id, seq=ckpt.seq, t=ckpt.t, digest=ckpt.digest, blob_key=key, size=len(data)))
-            session.execute(update(Run).where(Run.id == live.id).values(t=ckpt.t, epoch=ckpt.epoch, seq=ckpt.seq))
-            self.blobs.delete(session, dropped)
+        try:
+            with self._db() as session, session.begin():
+                dropped = [k for k in self._blob_keys_of(session, live.id) if k not in self._checkpoint_keys(session, live.id)]
+                session.execute(delete(Event).where(Event.run_id == live.id))
+                session.execute(delete(Snapshot).where(Snapshot.run_id == live.id))
+                self.blobs.put(session, key, blob)
+                session.add(Snapshot(run_id=live.id, seq=seq, t=state.t, digest=digest, blob_key=key, size=len(blob)))
+                session.execute(update(Run).where(Run.id == live.id).values(t=state.t, epoch=state.epoch, seq=seq))
+                self.blobs.delete(session, dropped)
+        except SQLAlchemyError as exc:
+            raise self._storage_failed(exc, "replacing the run's state") from exc
         self.blobs.drop(dropped)
         new = Live(
             id=live.id,
@@ -495,10 +511,10 @@ class RunManager:
             durability=live.durability,
             snapshot_every=live.snapshot_every,
             state=state,
-            seq=ckpt.seq,
+            seq=seq,
             last_step_digest=None,
-            last_snapshot_seq=ckpt.seq,
-            last_snapshot_t=ckpt.t,
+            last_snapshot_seq=seq,
+            last_snapshot_t=state.t,
             created_at=live.created_at,
         )
         self._live[(live.tenant, live.name)] = new

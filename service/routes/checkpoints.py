@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
-import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -13,7 +10,7 @@ from schemas import CheckpointCreate, CheckpointList, CheckpointPublic, Fork, Ro
 from ..deps import ManagerDep, RunName, TenantDep, on_run
 from ..models import Checkpoint
 from ..runtime import Live, RunManager
-from .runs import run_public
+from .runs import run_public, torch_bytes
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -49,9 +46,7 @@ async def delete_checkpoint(request: Request, run: RunName, name: RunName, manag
 async def export_checkpoint(request: Request, run: RunName, name: RunName, manager: ManagerDep, tenant: TenantDep) -> Response:
     def work(live: Live) -> bytes:
         _, state = manager.checkpoint_state(live, name)
-        buf = io.BytesIO()
-        torch.save(state.export(), buf)
-        return buf.getvalue()
+        return torch_bytes(state.export())
 
     data = await on_run(request, tenant, run, work)
     return Response(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Annotated, Any, Literal
 
@@ -36,6 +37,7 @@ def run_public(live: Live) -> RunPublic:
         snapshot_every=live.snapshot_every,
         last_snapshot_t=live.last_snapshot_t,
         skipped_steps=state.skipped_steps,
+        groups=state.groups(),
         spec=state.spec.to_dict(),
         created_at=live.created_at,
     )
@@ -59,6 +61,20 @@ async def _create_body(request: Request, limit: int) -> tuple[RunCreate, dict[st
         return RunCreate.model_validate_json(metadata["run"]), None, body
     except ValidationError as exc:
         raise Invalid(f"invalid run: {_pydantic_message(exc)}") from None
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_torch(data: bytes) -> Any:
+    """A client's .pt: weights_only, so nothing in it is unpickled as code."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise InvalidPayload(f"the body is not a torch.save file readable with weights_only=True: {exc}") from None
 
 
 def _pydantic_message(exc: ValidationError) -> str:
@@ -164,6 +180,32 @@ async def get_params(request: Request, run: RunName, tenant: TenantDep) -> Respo
             media_type=SAFETENSORS,
             headers={"Optim-T": meta["t"], "Optim-LR": meta["lr"]},
         )
+
+    return await on_run(request, tenant, run, work)
+
+
+@router.get(
+    "/runs/{run}/state",
+    summary="The current state as a .pt for plain torch/timm (as a checkpoint export)",
+    responses={200: {"content": {SAFETENSORS: {}}}},
+)
+async def get_state(request: Request, run: RunName, tenant: TenantDep) -> Response:
+    data = await on_run(request, tenant, run, lambda live: torch_bytes(live.state.export()))
+    return Response(data, media_type=SAFETENSORS)
+
+
+@router.put(
+    "/runs/{run}/state",
+    response_model=RunPublic,
+    openapi_extra={"requestBody": BINARY_BODY},
+    summary="Load a torch-format state (.pt: optimizer, and optionally model, lr_scheduler, ema, swa, step)",
+)
+async def put_state(request: Request, run: RunName, settings: SettingsDep, tenant: TenantDep) -> RunPublic:
+    body = await read_body(request, settings.max_body_bytes)
+    manager: RunManager = request.app.state.manager
+
+    def work(live: Live) -> RunPublic:
+        return run_public(manager.load_state(live, load_torch(body)))
 
     return await on_run(request, tenant, run, work)
 

@@ -1,0 +1,255 @@
+"""``RemoteOptimizer``: a ``torch.optim.Optimizer`` whose state and step live in optim-service.
+
+One line changes in a training loop::
+
+    opt = RemoteOptimizer(model.named_parameters(), url="http://127.0.0.1:8000", run="exp-1",
+                          optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                          scheduler={"name": "cosine", "num_epochs": 10_000, "warmup_epochs": 500})
+
+``step()`` sends every parameter's ``.grad`` and writes the service's answer into the parameters in
+place. A worker restarted with the same code *resumes*: the run exists with the same spec, so the
+service's parameters are loaded into the local ones and ``t`` is where the run is.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .transport import OptimServiceError, Transport, default_url
+
+log = logging.getLogger("optim_client")
+
+
+def _escape(name: str) -> str:
+    """A parameter name as an fnmatch pattern that matches only itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _named(params: Iterable[Any]) -> tuple[list[tuple[str, torch.Tensor]], list[dict[str, Any]] | None]:
+    """(name, tensor) pairs in order, and the explicit groups if param-group dicts were given."""
+    items = list(params)
+    if not items:
+        raise ValueError("RemoteOptimizer got an empty parameter list")
+    if isinstance(items[0], dict):
+        named: list[tuple[str, torch.Tensor]] = []
+        groups = []
+        for g in items:
+            members = _named(g["params"])[0] if not isinstance(g["params"], torch.Tensor) else [("", g["params"])]
+            start = len(named)
+            members = [(n if n and not n.isdigit() else str(start + i), p) for i, (n, p) in enumerate(members)]
+            named += members
+            groups.append({"params": [_escape(n) for n, _ in members], **{k: v for k, v in g.items() if k != "params"}})
+        return named, groups
+    if isinstance(items[0], tuple):
+        return [(str(n), p) for n, p in items], None
+    return [(str(i), p) for i, p in enumerate(items)], None
+
+
+class RemoteScheduler:
+    """The run's LR scheduler, as a worker sees it: epoch steps (with a metric for plateau schedulers)."""
+
+    def __init__(self, optimizer: RemoteOptimizer) -> None:
+        self._opt = optimizer
+
+    def step(self, metric: float | None = None) -> list[float]:
+        r = self._opt._http.request("POST", f"/runs/{self._opt.run}/schedule/step", json={"metric": metric})
+        lrs = r.json()["lr"]
+        self._opt._set_lrs(lrs)
+        return lrs
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self._opt.param_groups]
+
+    def preview(self, steps: int = 100) -> list[list[float]]:
+        return self._opt._http.request("GET", f"/runs/{self._opt.run}/schedule/preview", params={"steps": steps}).json()["lr"]
+
+
+class RemoteOptimizer(torch.optim.Optimizer):
+    def __init__(
+        self,
+        named_params: Iterable[Any],
+        *,
+        url: str | None = None,
+        run: str,
+        optimizer: str = "adamw",
+        scheduler: Mapping[str, Any] | None = None,
+        ema: Mapping[str, Any] | None = None,
+        swa: Mapping[str, Any] | None = None,
+        groups: Mapping[str, Any] | None = None,
+        token: str | None = None,
+        wire_dtype: torch.dtype | None = None,
+        durability: str = "log",
+        snapshot_every: int | None = None,
+        nonfinite: str = "error",
+        seed: int = 0,
+        retry_deadline: float = 600.0,
+        **hyperparams: Any,
+    ) -> None:
+        named, explicit = _named(named_params)
+        self.run = run
+        self.wire_dtype = wire_dtype
+        self._by_name = dict(named)
+        self._http = Transport(url or default_url(), token=token, retry_deadline=retry_deadline)
+        param_groups = dict(groups or {})
+        if explicit is not None:
+            # the groups as given, like torch.optim.X([{"params": ...}, ...]): no bias/norm split
+            param_groups.setdefault("filter_bias_and_bn", False)
+            param_groups["groups"] = explicit
+        spec = {
+            "params": [{"name": n, "shape": list(p.shape), "dtype": _dtype_name(p.dtype)} for n, p in named],
+            "optimizer": {"name": optimizer, **{k: list(v) if isinstance(v, tuple) else v for k, v in hyperparams.items()}},
+            "param_groups": param_groups or None,
+            "scheduler": dict(scheduler) if scheduler else None,
+            "ema": dict(ema) if ema else None,
+            "swa": dict(swa) if swa else None,
+            "nonfinite": nonfinite,
+            "seed": seed,
+        }
+        body: dict[str, Any] = {"name": run, "spec": spec, "durability": durability}
+        if snapshot_every is not None:
+            body["snapshot_every"] = snapshot_every
+        initial = st_save({n: p.detach().to("cpu").contiguous() for n, p in named}, metadata={"run": json.dumps(body)})
+        response = self._http.request("POST", "/runs", body=initial)
+        info = response.json()
+        self.resumed = response.status_code == 200
+        super().__init__(
+            [
+                {**{k: v for k, v in g.items() if k != "params"}, "params": [self._by_name[n] for n in g["params"]]}
+                for g in info["groups"]
+            ],
+            {},
+        )
+        self.t: int = info["t"]
+        self.scheduler = RemoteScheduler(self)
+        if self.resumed and self.t > 0:
+            self.resync()
+            log.info("resumed run %r at t=%d", run, self.t)
+
+    # ------------------------------------------------------------------ the loop
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self._by_name.values():
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = {}
+        for name, p in self._by_name.items():
+            if p.grad is not None:
+                g = p.grad.detach()
+                if self.wire_dtype is not None:
+                    g = g.to(self.wire_dtype)
+                grads[name] = g.to("cpu").contiguous()
+        params: dict[str, Any] = {"t": self.t}
+        if loss is not None:
+            params["loss"] = float(loss)
+        r = self._http.request("POST", f"/runs/{self.run}/step", body=st_save(grads), params=params, passthrough=(409,))
+        if r.status_code == 409:
+            body = r.json()
+            if "current_t" not in body or "different gradient" in body.get("detail", ""):
+                raise OptimServiceError(409, body.get("error", "Conflict"), body.get("detail", ""), body)
+            log.warning("step t=%d refused (%s); resyncing to the run at t=%d", self.t, body["detail"], body["current_t"])
+            self.resync()
+            return loss
+        self._write_params(st_load(r.content))
+        self.t = int(r.headers["Optim-T"])
+        self._set_lrs(json.loads(r.headers["Optim-LR"]))
+        return loss
+
+    def resync(self) -> None:
+        """Load the service's current parameters into the local ones, and its t and LRs."""
+        r = self._http.request("GET", f"/runs/{self.run}/params")
+        self._write_params(st_load(r.content))
+        self.t = int(r.headers["Optim-T"])
+        self._set_lrs(json.loads(r.headers["Optim-LR"]))
+
+    def _write_params(self, values: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in values.items():
+                self._by_name[name].copy_(value)
+
+    def _set_lrs(self, lrs: list[float]) -> None:
+        for g, lr in zip(self.param_groups, lrs, strict=True):
+            g["lr"] = lr
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The optimizer's torch-format ``state_dict`` from the service, plus ``optim_service``: the run's
+        ``t``, epoch and scheduler state, so that ``load_state_dict`` puts the whole run back."""
+        exported = self._load_pt(self._http.request("GET", f"/runs/{self.run}/state").content)
+        sd = exported["optimizer"]
+        sd["optim_service"] = {
+            "run": self.run,
+            "step": exported["step"],
+            "epoch": exported["epoch"],
+            "lr_scheduler": exported["lr_scheduler"],
+            "swa_scheduler": exported["swa_scheduler"],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Send a ``state_dict`` (and the local parameters, which a checkpoint loader restored) to the service."""
+        sd = dict(copy.copy(state_dict))
+        extra = dict(sd.pop("optim_service", None) or {})
+        extra.pop("run", None)
+        payload = {"optimizer": sd, "model": {n: p.detach().to("cpu") for n, p in self._by_name.items()}, **extra}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        info = self._http.request("PUT", f"/runs/{self.run}/state", body=buf.getvalue()).json()
+        self.t = info["t"]
+        self._set_lrs(info["lr"])
+
+    @staticmethod
+    def _load_pt(data: bytes) -> Any:
+        return torch.load(io.BytesIO(data), weights_only=True)
+
+    # ------------------------------------------------------------------ averages and checkpoints
+    def fetch_average(self, kind: str = "ema") -> dict[str, torch.Tensor]:
+        return st_load(self._http.request("GET", f"/runs/{self.run}/averages/{kind}").content)
+
+    def averaged_model(self, model: torch.nn.Module, kind: str = "swa", loader: Iterable[Any] | None = None) -> torch.nn.Module:
+        """A copy of ``model`` holding the average; with a loader, its BatchNorm statistics are recomputed
+        (``torch.optim.swa_utils.update_bn``), which needs data and so runs here, on the worker."""
+        averaged = copy.deepcopy(model)
+        position = {id(p): i for i, p in enumerate(model.parameters())}
+        targets = list(averaged.parameters())
+        with torch.no_grad():
+            for name, value in self.fetch_average(kind).items():
+                targets[position[id(self._by_name[name])]].copy_(value)
+        if loader is not None:
+            torch.optim.swa_utils.update_bn(loader, averaged)
+        return averaged
+
+    def checkpoint(self, name: str) -> dict[str, Any]:
+        return self._http.request("POST", f"/runs/{self.run}/checkpoints", json={"name": name}).json()
+
+    def export_checkpoint(self, path: str, name: str | None = None) -> str:
+        """Write a torch checkpoint (``model``, ``optimizer``, ``lr_scheduler``, ``ema``/``swa``, ``step``) to ``path``;
+        of the named checkpoint, or of the current state."""
+        where = f"/runs/{self.run}/checkpoints/{name}/export" if name else f"/runs/{self.run}/state"
+        with open(path, "wb") as f:
+            f.write(self._http.request("GET", where).content)
+        return path
+
+    def close(self) -> None:
+        self._http.close()
