@@ -163,7 +163,7 @@ def build_optimizer(entry: OptimizerEntry, module: ParamModule, opt: OptimizerSp
                 optimizer = Lookahead(optimizer, **{k.removeprefix("lookahead_"): v for k, v in lookahead.items()})
     except SpecError:
         raise
-    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as exc:
+    except Exception as exc:
         raise SpecError(f"optimizer {entry.name!r} rejected its options {_show(opt)}: {exc}") from None
     return optimizer
 

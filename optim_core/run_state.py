@@ -368,7 +368,7 @@ class RunState:
             new._load_export(data)
         except SnapshotError:
             raise
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        except Exception as exc:
             raise SnapshotError(f"the state does not fit this run: {type(exc).__name__}: {exc}") from None
         return new
 

@@ -116,6 +116,8 @@ class SafeExpression:
             tree = ast.parse(text.strip(), mode="eval")
         except SyntaxError as exc:
             raise ExpressionError(f"{where}: {text!r} is not an expression: {exc.msg}") from None
+        except (ValueError, MemoryError, RecursionError) as exc:  # null bytes, nesting too deep
+            raise ExpressionError(f"{where}: {text[:80]!r} cannot be parsed: {exc}") from None
         self._tree = tree.body
         for node in ast.walk(tree):
             if not isinstance(node, _ALLOWED_NODES):
@@ -190,7 +192,7 @@ def _build_torch(spec: Mapping[str, Any], optimizer: torch.optim.Optimizer, wher
             scheduler = cls(optimizer, **kwargs)
     except ExpressionError:
         raise
-    except (TypeError, ValueError, KeyError, AssertionError, IndexError, ZeroDivisionError) as exc:
+    except Exception as exc:
         raise SpecError(f"{where}: {name} rejected {_show(kwargs)}: {exc}") from None
     if name in _EXPRESSION:
         expressions.append((scheduler, exprs))
@@ -222,7 +224,7 @@ def _build_timm(spec: Mapping[str, Any], optimizer: torch.optim.Optimizer, where
         kwargs.setdefault("updates_per_epoch", 1)  # so that *_epochs count optimizer steps
     try:
         scheduler, _ = create_scheduler_v2(optimizer, sched=spec["name"], step_on_epochs=interval == "epoch", **kwargs)
-    except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError) as exc:
+    except Exception as exc:
         raise SpecError(
             f"{where}: timm scheduler {spec['name']!r} rejected {_show(kwargs)}: {exc or type(exc).__name__}"
         ) from None

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import optim_core
 
+from .auth import LOCAL_TENANT, is_loopback
 from .blobs import BlobStore, DatabaseBlobStore, DirectoryBlobStore
 from .db import make_engine, make_sessionmaker, schema_status
 from .deps import RunLocks
@@ -34,7 +35,7 @@ def make_blob_store(settings: Settings) -> BlobStore:
     return DatabaseBlobStore(settings.blob_chunk_bytes)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1") -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cfg = settings or Settings()
@@ -50,6 +51,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if removed:
             log.info("removed %d unreferenced blobs", removed)
         app.state.settings, app.state.engine, app.state.manager, app.state.locks = cfg, engine, manager, RunLocks()
+        app.state.auth_required = cfg.auth == "required" or not is_loopback(host)
+        if app.state.auth_required:
+            log.info("authentication on: requests need Authorization: Bearer <key> (optim-service keys create --tenant T)")
+        else:
+            log.warning(
+                "authentication off: listening on loopback %s, every request acts as the single tenant %r "
+                "(OPTIM_AUTH=required to require API keys)",
+                host,
+                LOCAL_TENANT,
+            )
         log.info(
             "optim-service ready: device=%s database=%s blobs=%s", manager.device, cfg.database_url.split("@")[-1], cfg.blob_store
         )

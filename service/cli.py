@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import typer
 from alembic import command
@@ -31,7 +32,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, host=host),
         host=host,
         port=port,
         log_level=log_level,
@@ -52,6 +53,54 @@ def migrate(revision: str = typer.Argument("head", help="Target revision.")) -> 
     make_engine(settings).dispose()  # creates the SQLite file with its page size before Alembic touches it
     command.upgrade(alembic_config(settings.database_url), revision)
     typer.echo(f"database at {revision}")
+
+
+keys_app = typer.Typer(help="API keys (stored hashed; a key is shown once).", no_args_is_help=True)
+cli.add_typer(keys_app, name="keys")
+
+
+def _sessions() -> Any:
+    from .db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(Settings()))
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Option(..., "--tenant", help="The tenant the key acts as.")) -> None:
+    """Create an API key for a tenant and print it (it is not shown again)."""
+    from .auth import create_key
+
+    with _sessions()() as session, session.begin():
+        try:
+            key = create_key(session, tenant)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key: tenant, prefix, created, revoked."""
+    from sqlalchemy import select
+
+    from .models import ApiKey
+
+    with _sessions()() as session:
+        for k in session.execute(select(ApiKey).order_by(ApiKey.id)).scalars():
+            state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
+            typer.echo(f"{k.tenant}\t{k.prefix}\t{k.created_at}\t{state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the key that starts with PREFIX (as `keys list` shows it)."""
+    from .auth import revoke
+
+    with _sessions()() as session, session.begin():
+        count = revoke(session, prefix)
+    typer.echo(f"revoked {count} key(s)")
+    if not count:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -7,16 +7,17 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Request
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from schemas.runs import RUN_NAME_PATTERN
 
-from .errors import PayloadTooLarge
+from .auth import LOCAL_TENANT, tenant_for
+from .errors import PayloadTooLarge, StorageUnavailable, Unauthorized
 from .runtime import Live, RunManager
 from .settings import Settings
 
 T = TypeVar("T")
-LOCAL_TENANT = "local"
 
 
 def get_manager(request: Request) -> RunManager:
@@ -27,9 +28,22 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_tenant() -> str:
-    # a single local tenant until authentication arrives (issue 5)
-    return LOCAL_TENANT
+def get_tenant(request: Request) -> str:
+    """The caller's tenant: from its API key when authentication is on, else the local tenant."""
+    if not request.app.state.auth_required:
+        return LOCAL_TENANT
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("this server requires an API key: send Authorization: Bearer <key>")
+    try:
+        with request.app.state.manager.sessions() as session:
+            tenant = tenant_for(session, key.strip())
+    except SQLAlchemyError as exc:
+        raise StorageUnavailable(f"the database is unavailable while checking the API key: {exc.__class__.__name__}") from exc
+    if tenant is None:
+        raise Unauthorized("unknown or revoked API key")
+    return tenant
 
 
 ManagerDep = Annotated[RunManager, Depends(get_manager)]

@@ -31,6 +31,13 @@ class BadRequest(ServiceError):
     status_code = 400
 
 
+class Unauthorized(ServiceError):
+    status_code = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
 class InvalidPayload(BadRequest):
     """A body that cannot be read: truncated or garbage safetensors, malformed JSON."""
 

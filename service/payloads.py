@@ -48,6 +48,6 @@ def from_json_lists(values: Any, like: Mapping[str, torch.Tensor], what: str) ->
         ref = like.get(name)
         try:
             out[name] = torch.tensor(value, dtype=ref.dtype if ref is not None else torch.float32)
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as exc:
             raise Invalid(f"{what}[{name!r}] is not a nested list of numbers: {exc}") from None
     return out

@@ -133,6 +133,8 @@ class RunManager:
             if existing.spec_digest != digest:
                 raise RunConflict(f"run {body.name!r} exists with another spec (or durability policy); choose another name")
             return self.get(tenant, body.name), False
+        if len(spec.params) > self.settings.max_tensors:
+            raise Invalid(f"the run has {len(spec.params)} parameter tensors; the limit is {self.settings.max_tensors}")
         if count >= self.settings.max_runs:
             raise Invalid(f"this tenant has {count} runs, the limit is {self.settings.max_runs}")
         try:
@@ -264,7 +266,7 @@ class RunManager:
         if content_type == "json":
             try:
                 body = json.loads(payload)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise InvalidPayload(f"the body is not JSON: {exc}") from None
             if not isinstance(body, dict) or "grads" not in body:
                 raise Invalid('a JSON step body is {"grads": {name: nested lists}, "loss": optional number}')

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest request body accepted (413 beyond).")
     default_snapshot_every: int = Field(default=100, ge=1, description="Snapshot interval of runs that do not set one.")
     max_runs: int = Field(default=10_000, ge=1, description="Most runs a tenant may keep.")
+    auth: Literal["auto", "required"] = Field(
+        default="auto", description="auto: API keys required unless the server listens on loopback only."
+    )
+    max_tensors: int = Field(default=100_000, ge=1, description="Most parameter tensors a run may have.")
     device: str | None = Field(default=None, description="Torch device to step on; default CUDA when present, else CPU.")
 
     @field_validator("database_url")

@@ -233,6 +233,8 @@ def test_rollback_and_fork_replay_the_same_future(client: httpx.Client) -> None:
     assert same_tensors(decode(again.content), decode(first.content))
     assert same_tensors(decode(forked.content), decode(first.content))
     assert client.post(f"/runs/{name}/fork", json={"checkpoint": "mid", "name": fork_name}).status_code == 409
+    # regression (found by the fuzzer): a fork onto its own name deadlocked on the run's lock
+    assert client.post(f"/runs/{name}/fork", json={"checkpoint": "mid", "name": name}, timeout=10).status_code == 409
     assert client.post(f"/runs/{name}/rollback", json={"checkpoint": "nope"}).status_code == 404
     assert client.delete(f"/runs/{name}/checkpoints/mid").status_code == 204
     assert client.get(f"/runs/{name}/checkpoints/mid/export").status_code == 404

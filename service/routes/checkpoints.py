@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from schemas import CheckpointCreate, CheckpointList, CheckpointPublic, Fork, Rollback, RunPublic
 
 from ..deps import ManagerDep, RunName, TenantDep, on_run
+from ..errors import RunConflict
 from ..models import Checkpoint
 from ..runtime import Live, RunManager
 from .runs import run_public, torch_bytes
@@ -62,16 +65,20 @@ async def rollback(request: Request, run: RunName, body: Rollback, manager: Mana
 @router.post("/runs/{run}/fork", status_code=201, response_model=RunPublic, summary="A new run from a checkpoint")
 async def fork(request: Request, run: RunName, body: Fork, tenant: TenantDep) -> RunPublic:
     manager: RunManager = request.app.state.manager
-
-    async with request.app.state.locks(tenant, body.name):
-        live = await on_run(
-            request,
-            tenant,
-            run,
-            manager.fork,
-            checkpoint=body.checkpoint,
-            name=body.name,
-            durability=body.durability,
-            snapshot_every=body.snapshot_every,
+    if body.name == run:
+        raise RunConflict(f"run {run!r} already exists: a fork needs a new name")
+    # both runs' locks, always taken in the same order, so that concurrent forks cannot deadlock
+    first, second = sorted((run, body.name))
+    async with request.app.state.locks(tenant, first), request.app.state.locks(tenant, second):
+        live = await run_in_threadpool(manager.get, tenant, run)
+        forked = await run_in_threadpool(
+            partial(
+                manager.fork,
+                live,
+                checkpoint=body.checkpoint,
+                name=body.name,
+                durability=body.durability,
+                snapshot_every=body.snapshot_every,
+            )
         )
-    return await run_in_threadpool(run_public, live)
+        return run_public(forked)
