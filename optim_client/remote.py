@@ -65,7 +65,8 @@ class RemoteScheduler:
         self._opt = optimizer
 
     def step(self, metric: float | None = None) -> list[float]:
-        r = self._opt._http.request("POST", f"/runs/{self._opt.run}/schedule/step", json={"metric": metric})
+        # not retried: an epoch step whose answer was lost may have been applied
+        r = self._opt._http.request("POST", f"/runs/{self._opt.run}/schedule/step", json={"metric": metric}, retry=False)
         lrs = r.json()["lr"]
         self._opt._set_lrs(lrs)
         return lrs
@@ -134,8 +135,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         )
         self.t: int = info["t"]
         self.scheduler = RemoteScheduler(self)
-        if self.resumed and self.t > 0:
-            self.resync()
+        if self.resumed:
+            self.resync()  # even at t=0: the run's initial parameters, not this process's
             log.info("resumed run %r at t=%d", run, self.t)
 
     # ------------------------------------------------------------------ the loop
@@ -145,8 +146,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 continue
             if set_to_none:
                 p.grad = None
-            else:
-                p.grad.detach_().zero_()
+            else:  # as torch.optim.Optimizer.zero_grad does
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -166,7 +171,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         r = self._http.request("POST", f"/runs/{self.run}/step", body=st_save(grads), params=params, passthrough=(409,))
         if r.status_code == 409:
             body = r.json()
-            if "current_t" not in body or "different gradient" in body.get("detail", ""):
+            if "current_t" not in body or body.get("reason") == "other_gradient":
                 raise OptimServiceError(409, body.get("error", "Conflict"), body.get("detail", ""), body)
             log.warning("step t=%d refused (%s); resyncing to the run at t=%d", self.t, body["detail"], body["current_t"])
             self.resync()
@@ -241,7 +246,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return averaged
 
     def checkpoint(self, name: str) -> dict[str, Any]:
-        return self._http.request("POST", f"/runs/{self.run}/checkpoints", json={"name": name}).json()
+        return self._http.request("POST", f"/runs/{self.run}/checkpoints", json={"name": name}, retry=False).json()
 
     def export_checkpoint(self, path: str, name: str | None = None) -> str:
         """Write a torch checkpoint (``model``, ``optimizer``, ``lr_scheduler``, ``ema``/``swa``, ``step``) to ``path``;

@@ -55,9 +55,11 @@ class Transport:
         params: Mapping[str, Any] | None = None,
         ok: tuple[int, ...] = (200, 201, 204),
         passthrough: tuple[int, ...] = (),
+        retry: bool = True,
     ) -> httpx.Response:
-        """Send, retrying connection errors and 5xx with jittered backoff until the deadline."""
-        deadline = time.monotonic() + self.retry_deadline
+        """Send, retrying connection errors and 5xx with jittered backoff until the deadline
+        (only requests that are safe to repeat: ``retry=False`` for the others)."""
+        deadline = time.monotonic() + (self.retry_deadline if retry else 0)
         delay = 0.05
         while True:
             try:

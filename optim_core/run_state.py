@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,9 +33,10 @@ from .errors import (
 )
 from .params import ParamModule, build_optimizer
 from .schedulers import Schedule
-from .spec import RunSpec
+from .spec import RunSpec, is_finite_number
 
 FORMAT = "optim-run/1"
+MAX_T = 2**62  # steps and epochs: far beyond any run, and within every database's BIGINT
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # torch's global generator is process-wide: runs whose optimizer draws from it take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
@@ -54,6 +54,11 @@ class StepResult:
     t: int
     lrs: list[float]
     skipped: bool = False
+
+
+def _check_finite(what: str, value: Any) -> None:
+    if value is not None and not is_finite_number(value):
+        raise GradientError(f"{what} must be a finite number, got {str(value)[:40]}")
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -175,8 +180,7 @@ class RunState:
         self._check_usable()
         if isinstance(t, bool) or not isinstance(t, int) or t != self.t:
             raise StepMismatch(f"gradient is for step t={t!r}, the run is at t={self.t}", current_t=self.t)
-        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
-            raise GradientError(f"loss must be a finite number, got {loss!r}")
+        _check_finite("loss", loss)
         prepared = self.check_gradients(grads)
         steps_schedule = self._schedule_steps_now(epoch=False)
         if steps_schedule:
@@ -215,8 +219,7 @@ class RunState:
     def step_epoch(self, metric: float | None = None) -> StepResult:
         """The end of an epoch: epoch-interval schedulers (with the metric for plateau ones) and SWA."""
         self._check_usable()
-        if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float)) or not math.isfinite(metric)):
-            raise GradientError(f"metric must be a finite number, got {metric!r}")
+        _check_finite("metric", metric)
         steps_schedule = self._schedule_steps_now(epoch=True)
         if steps_schedule:
             assert self.schedule is not None
@@ -366,10 +369,14 @@ class RunState:
         new = RunState.from_bytes(self.to_bytes(), device=self.device)
         try:
             new._load_export(data)
+            # what loads may still not run (an lr that is a string, moments of the wrong shape): try a step on a copy
+            trial = RunState.from_bytes(new.to_bytes(), device=self.device)
+            trial.apply({n: torch.zeros_like(p) for n, p in trial._params.items()}, trial.t)
+            new.groups()
         except SnapshotError:
             raise
-        except Exception as exc:
-            raise SnapshotError(f"the state does not fit this run: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a client's state that torch cannot load or step is the client's fault
+            raise SnapshotError(f"the state does not fit this run: {type(exc).__name__}: {str(exc)[:300]}") from None
         return new
 
     def _load_export(self, data: Mapping[str, Any]) -> None:
@@ -408,8 +415,8 @@ class RunState:
         for key in ("step", "epoch"):
             value = data.get(key)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise SnapshotError(f"{key} must be a non-negative integer, got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_T:
+                    raise SnapshotError(f"{key} must be an integer in [0, {MAX_T}], got {str(value)[:40]}")
                 setattr(self, "t" if key == "step" else "epoch", value)
 
     def groups(self) -> list[dict[str, Any]]:

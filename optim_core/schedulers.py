@@ -23,6 +23,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.optim import lr_scheduler
 
 from .errors import EngineError, SpecError, UnknownName
+from .spec import is_finite_number
 
 TIMM_SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
 TORCH_SCHEDULERS: dict[str, type] = {
@@ -137,7 +138,7 @@ class SafeExpression:
             value = self._evaluator.eval(self.text, previously_parsed=self._tree)
         except Exception as exc:
             raise ExpressionError(f"{self.where}: {self.text!r} fails at step={step}: {type(exc).__name__}: {exc}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not is_finite_number(value) or value < 0:
             raise ExpressionError(f"{self.where}: {self.text!r} gives {value!r} at step={step}; it must be a finite number >= 0")
         return float(value)
 
@@ -265,7 +266,7 @@ class Schedule:
         if self.needs_metric and metric is None:
             what = "an epoch step's 'metric'" if epoch else "the step's 'loss'"
             raise MetricRequired(f"scheduler {self.name!r} decides on a metric: {what} is required")
-        if metric is not None and not math.isfinite(metric):
+        if metric is not None and not is_finite_number(metric):
             raise MetricRequired(f"the metric for scheduler {self.name!r} must be finite, got {metric!r}")
         for sched, exprs in self._expressions:
             for expr in exprs:

@@ -36,9 +36,19 @@ def _require_keys(where: str, data: Mapping[str, Any], allowed: set[str], requir
         raise SpecError(f"{where}: missing field(s) {missing}")
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool) that is finite; ints too large for a float are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(where: str, value: Any, *, minimum: float | None = None, below: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(f"{where} must be a finite number, got {value!r}")
+    if not is_finite_number(value):
+        raise SpecError(f"{where} must be a finite number, got {str(value)[:40]}")
     if minimum is not None and value < minimum:
         raise SpecError(f"{where} must be >= {minimum}, got {value!r}")
     if below is not None and value >= below:

@@ -65,13 +65,7 @@ class Live:
     last_step_digest: str | None
     last_snapshot_seq: int
     last_snapshot_t: int | None
-    snapshot: Future[None] | None = None
     created_at: Any = None
-
-    def wait_for_snapshot(self) -> None:
-        """Let a background snapshot land before the run's history is rewritten (rollback, delete)."""
-        if self.snapshot is not None:
-            self.snapshot.result()
 
 
 @dataclass(frozen=True)
@@ -94,6 +88,8 @@ class RunManager:
         self.device = optim_core.pick_device(settings.device)
         self._live: dict[tuple[str, str], Live] = {}
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        # kept here, not on the Live: a run evicted (and reloaded) must still wait for its snapshot in flight
+        self._pending: dict[tuple[str, str], Future[None]] = {}
 
     def close(self) -> None:
         self._snapshots.shutdown(wait=True)
@@ -281,11 +277,17 @@ class RunManager:
             if gdigest == live.last_step_digest:
                 return StepOutcome(StepResult(t=state.t, lrs=state.lrs), replayed=True, params=state.params())
             raise StepConflict(
-                f"step t={t} was already applied with a different gradient; the run is at t={state.t}", current_t=state.t
+                f"step t={t} was already applied with a different gradient; the run is at t={state.t}",
+                current_t=state.t,
+                reason="other_gradient",
             )
         if t != state.t:
             what = "stale: resync from GET /runs/{run}/params" if t < state.t else "ahead of the run"
-            raise StepConflict(f"gradient is for t={t} but the run is at t={state.t} ({what})", current_t=state.t)
+            raise StepConflict(
+                f"gradient is for t={t} but the run is at t={state.t} ({what})",
+                current_t=state.t,
+                reason="stale" if t < state.t else "ahead",
+            )
         try:
             result = state.apply(grads, t, loss=loss)
         except optim_core.StepFailed as exc:
@@ -335,19 +337,32 @@ class RunManager:
             except (SQLAlchemyError, StorageUnavailable) as exc:
                 # the state in memory is ahead of the database: drop it, recover on the next request
                 self.evict(live.tenant, live.name)
+                if key is not None:
+                    self.blobs.drop([key])
                 if isinstance(exc, StorageUnavailable):
                     raise
                 raise self._storage_failed(exc, f"logging step t={t}") from exc
         live.seq += 1
 
     # ------------------------------------------------------------------ snapshots
+    def wait_for_snapshot(self, tenant: str, name: str) -> None:
+        """Let a background snapshot land before the run's history is rewritten (rollback, load, delete)."""
+        pending = self._pending.get((tenant, name))
+        if pending is not None:
+            pending.result()
+
     def _maybe_snapshot(self, live: Live) -> None:
         if live.seq - live.last_snapshot_seq < live.snapshot_every:
             return
-        if live.snapshot is not None and not live.snapshot.done():
+        pending = self._pending.get((live.tenant, live.name))
+        if pending is not None and not pending.done():
             return  # one at a time; the next step tries again
-        captured = live.state.capture()
-        live.snapshot = self._snapshots.submit(self._write_snapshot, live, captured, live.seq)
+        try:
+            captured = live.state.capture()
+        except Exception:
+            log.exception("capturing run %r at t=%d failed", live.name, live.state.t)
+            return
+        self._pending[(live.tenant, live.name)] = self._snapshots.submit(self._write_snapshot, live, captured, live.seq)
 
     def _write_snapshot(self, live: Live, captured: Captured, seq: int) -> None:
         try:
@@ -359,9 +374,14 @@ class RunManager:
         data, digest = captured.to_bytes(), captured.digest()
         key = new_key()
         with self._db() as session, session.begin():
-            if session.get(Run, live.id) is None:
-                return  # deleted meanwhile
-            self.blobs.put(session, key, data)
+            row = session.get(Run, live.id)
+            if row is None or (live.durability == "log" and row.seq < seq):
+                return  # deleted, or its history rewritten meanwhile: this state is no longer the run's
+            try:
+                self.blobs.put(session, key, data)
+            except Exception:
+                self.blobs.drop([key])
+                raise
             session.add(Snapshot(run_id=live.id, seq=seq, t=captured.t, digest=digest, blob_key=key, size=len(data)))
             old = session.execute(select(Snapshot).where(Snapshot.run_id == live.id, Snapshot.seq < seq)).scalars().all()
             # the event at `seq` stays: it holds the digest a retry of the last step is checked against
@@ -384,7 +404,7 @@ class RunManager:
     def flush_all(self) -> None:
         """At shutdown: snapshot-only runs write what they have, so a clean stop loses nothing."""
         for live in list(self._live.values()):
-            live.wait_for_snapshot()
+            self.wait_for_snapshot(live.tenant, live.name)
             if live.durability == "snapshot" and live.seq > live.last_snapshot_seq:
                 self.write_snapshot(live, live.state.capture(), live.seq)
 
@@ -397,9 +417,7 @@ class RunManager:
             raise self._storage_failed(exc, "listing runs") from exc
 
     def delete(self, tenant: str, name: str) -> None:
-        live = self._live.get((tenant, name))
-        if live is not None:
-            live.wait_for_snapshot()
+        self.wait_for_snapshot(tenant, name)
         try:
             with self._db() as session, session.begin():
                 row = self._row(session, tenant, name)
@@ -476,13 +494,13 @@ class RunManager:
 
     def rollback(self, live: Live, checkpoint: str) -> Live:
         """The run goes back to the checkpoint: its log and snapshots after it are dropped."""
-        live.wait_for_snapshot()
+        self.wait_for_snapshot(live.tenant, live.name)
         ckpt, state = self.checkpoint_state(live, checkpoint)
         return self._reset(live, state, seq=ckpt.seq)
 
     def load_state(self, live: Live, data: Any) -> Live:
         """Replace the run's state by a torch-format one (``RemoteOptimizer.load_state_dict``), durably."""
-        live.wait_for_snapshot()
+        self.wait_for_snapshot(live.tenant, live.name)
         try:
             state = live.state.load_export(data)
         except optim_core.EngineError as exc:

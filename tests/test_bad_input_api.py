@@ -214,3 +214,57 @@ def test_bad_state_uploads(client: httpx.Client) -> None:
         r = client.put(f"/runs/{name}/state", content=body)
         assert r.status_code == status, r.text
     assert client.get(f"/runs/{name}/digest").json() == before
+
+
+def _state_upload(client: httpx.Client, name: str, change: Any) -> bytes:
+    import io
+
+    exported = torch.load(io.BytesIO(client.get(f"/runs/{name}/state").content), weights_only=True)
+    change(exported)
+    buf = io.BytesIO()
+    torch.save(exported, buf)
+    return buf.getvalue()
+
+
+def _wrong_moment(state: dict[str, Any]) -> None:
+    first = next(iter(state["optimizer"]["state"].values()))
+    first["exp_avg"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize(
+    ("change", "word"),
+    [
+        (lambda s: s["optimizer"]["param_groups"][0].update(lr="abc"), "state does not fit"),
+        (_wrong_moment, "state does not fit"),
+        (lambda s: s.update(step=2**63), "step"),
+        (lambda s: s["model"].update({"head.weight": torch.zeros(2, 2)}), "head.weight"),
+    ],
+)
+def test_states_that_would_break_the_run_are_refused(client: httpx.Client, change: Any, word: str) -> None:
+    # regressions from review: these loaded, then every later request failed
+    name, model = _create(client)
+    assert client.post(f"/runs/{name}/step", params={"t": 0}, content=encode(make_grads(model, 1)[0])).status_code == 200
+    before = client.get(f"/runs/{name}/digest").json()
+    r = client.put(f"/runs/{name}/state", content=_state_upload(client, name, change))
+    assert r.status_code == 422 and word in r.json()["detail"], r.text
+    assert client.get(f"/runs/{name}/digest").json() == before
+    assert client.post(f"/runs/{name}/step", params={"t": 1}, content=encode(make_grads(model, 2)[1])).status_code == 200
+
+
+def test_numbers_too_large_for_a_float_and_unknown_dtypes(client: httpx.Client) -> None:
+    name, model = _create(client)
+    grads = {n: g.tolist() for n, g in make_grads(model, 1)[0].items()}
+    r = client.post(
+        f"/runs/{name}/step",
+        params={"t": 0},
+        content=json.dumps({"grads": grads, "loss": 10**400}),
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422 and "loss" in r.json()["detail"]
+    run = {"name": "huge", "spec": {"params": manifest(model), "optimizer": {"name": "sgd", "lr": 10**400}}}
+    r = client.post("/runs", content=encode(initial_params(model), {"run": json.dumps(run)}))
+    assert r.status_code == 422 and "optimizer.lr" in r.json()["detail"]
+    header = json.dumps({"head.bias": {"dtype": "F8_E8M0", "shape": [3], "data_offsets": [0, 3]}}).encode()
+    r = client.post(f"/runs/{name}/step", params={"t": 0}, content=struct.pack("<Q", len(header)) + header + b"\0\0\0")
+    assert r.status_code == 400 and "safetensors" in r.json()["detail"], r.text
+    assert client.get(f"/runs/{name}").json()["t"] == 0

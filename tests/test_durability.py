@@ -217,3 +217,27 @@ def test_server_refuses_a_database_that_is_not_at_head(tmp_path: Path) -> None:
     server = Server(url, tmp_path)
     with pytest.raises(RuntimeError, match="optim-service migrate"):
         server.start(timeout=60)
+
+
+def test_rollback_waits_for_a_snapshot_in_flight(tmp_path: Path) -> None:
+    """Regression from review: a background snapshot landing after a rollback rewrote the history."""
+    model = make_model()
+    model.table = torch.nn.Parameter(torch.zeros(3_000_000))  # a slow snapshot
+    grads = make_grads(model, 6)
+    with database("sqlite", tmp_path) as url:
+        server = Server(url, tmp_path).start()
+        with server.client() as client:
+            _create(client, model, "race", snapshot_every=1)
+            client.post("/runs/race/step", params={"t": 0}, content=encode(grads[0]))
+            assert client.post("/runs/race/checkpoints", json={"name": "one"}).status_code == 201
+            for k in range(1, 4):
+                assert client.post("/runs/race/step", params={"t": k}, content=encode(grads[k])).status_code == 200
+            assert client.post("/runs/race/rollback", json={"checkpoint": "one"}).json()["t"] == 1
+            digest = client.get("/runs/race/digest").json()
+        time.sleep(2.0)  # any snapshot still queued has landed (or been refused) by now
+        server.kill()
+        server.start()
+        with server.client() as client:
+            assert client.get("/runs/race/digest").json() == digest
+            assert client.post("/runs/race/step", params={"t": 1}, content=encode(grads[1])).status_code == 200
+        server.stop()
