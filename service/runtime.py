@@ -163,21 +163,37 @@ class RunManager:
             return self.create(tenant, body, params)
         except SQLAlchemyError as exc:
             raise self._storage_failed(exc, "creating the run") from exc
+        live = self._install(run_id, tenant, body.name, body.durability, snapshot_every, state, seq=0, created_at=created_at)
+        return live, True
+
+    def _install(
+        self,
+        run_id: int,
+        tenant: str,
+        name: str,
+        durability: str,
+        snapshot_every: int,
+        state: RunState,
+        *,
+        seq: int,
+        created_at: Any,
+    ) -> Live:
+        """A run whose newest snapshot is ``state`` at ``seq`` (just written), live from now on."""
         live = Live(
             id=run_id,
             tenant=tenant,
-            name=body.name,
-            durability=body.durability,
+            name=name,
+            durability=durability,
             snapshot_every=snapshot_every,
             state=state,
-            seq=0,
+            seq=seq,
             last_step_digest=None,
-            last_snapshot_seq=0,
-            last_snapshot_t=0,
+            last_snapshot_seq=seq,
+            last_snapshot_t=state.t,
             created_at=created_at,
         )
-        self._live[(tenant, body.name)] = live
-        return live, True
+        self._live[(tenant, name)] = live
+        return live
 
     def get(self, tenant: str, name: str) -> Live:
         """The live run, recovered from the database if it is not in memory."""
@@ -524,21 +540,9 @@ class RunManager:
         except SQLAlchemyError as exc:
             raise self._storage_failed(exc, "replacing the run's state") from exc
         self.blobs.drop(dropped)
-        new = Live(
-            id=live.id,
-            tenant=live.tenant,
-            name=live.name,
-            durability=live.durability,
-            snapshot_every=live.snapshot_every,
-            state=state,
-            seq=seq,
-            last_step_digest=None,
-            last_snapshot_seq=seq,
-            last_snapshot_t=state.t,
-            created_at=live.created_at,
+        return self._install(
+            live.id, live.tenant, live.name, live.durability, live.snapshot_every, state, seq=seq, created_at=live.created_at
         )
-        self._live[(live.tenant, live.name)] = new
-        return new
 
     def _checkpoint_keys(self, session: Session, run_id: int) -> set[str]:
         return set(session.execute(select(Checkpoint.blob_key).where(Checkpoint.run_id == run_id)).scalars())
@@ -572,21 +576,7 @@ class RunManager:
         except IntegrityError:
             self.blobs.drop([key])
             raise RunConflict(f"run {name!r} already exists") from None
-        forked = Live(
-            id=run_id,
-            tenant=live.tenant,
-            name=name,
-            durability=durability,
-            snapshot_every=snapshot_every,
-            state=state,
-            seq=ckpt.seq,
-            last_step_digest=None,
-            last_snapshot_seq=ckpt.seq,
-            last_snapshot_t=ckpt.t,
-            created_at=created_at,
-        )
-        self._live[(live.tenant, name)] = forked
-        return forked
+        return self._install(run_id, live.tenant, name, durability, snapshot_every, state, seq=ckpt.seq, created_at=created_at)
 
     # ------------------------------------------------------------------ maintenance
     def collect_garbage(self) -> int:
