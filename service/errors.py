@@ -99,7 +99,4 @@ def from_engine(exc: optim_core.EngineError) -> ServiceError:
     """Map the engine's plain errors to HTTP at the boundary."""
     if isinstance(exc, optim_core.StepMismatch):
         return StepConflict(str(exc), current_t=exc.current_t)
-    if isinstance(exc, optim_core.SnapshotError):
-        return Invalid(str(exc))
-    err = Invalid(str(exc))
-    return err
+    return Invalid(str(exc))

@@ -154,17 +154,27 @@ async def step(
 ) -> Response:
     body = await read_body(request, settings.max_body_bytes)
     manager: RunManager = request.app.state.manager
-    outcome = await on_run(request, tenant, run, manager.step, t=t, payload=body, content_type=content_kind(request), loss=loss)
-    headers = _step_headers(outcome)
-    if returns == "none":
-        return Response(status_code=200, headers=headers)
-    if returns == "json":
-        params = {n: v.tolist() for n, v in outcome.params.items()}
-        return JSONResponse(
-            {"t": outcome.result.t, "lr": outcome.result.lrs, "replayed": outcome.replayed, "params": params}, headers=headers
-        )
-    body_out = await run_in_threadpool(payloads.encode, outcome.params, {"t": str(outcome.result.t), "lr": headers["Optim-LR"]})
-    return Response(body_out, media_type=SAFETENSORS, headers=headers)
+
+    # the answer is built under the run's lock: the parameters are views of the live ones, which the next step changes
+    def work(live: Live) -> Response:
+        outcome = manager.step(live, t=t, payload=body, content_type=content_kind(request), loss=loss)
+        headers = _step_headers(outcome)
+        if returns == "none":
+            return Response(status_code=200, headers=headers)
+        if returns == "json":
+            params = {n: v.tolist() for n, v in outcome.params.items()}
+            return JSONResponse(
+                {"t": outcome.result.t, "lr": outcome.result.lrs, "replayed": outcome.replayed, "params": params}, headers=headers
+            )
+        return _params_response(outcome.params, headers)
+
+    return await on_run(request, tenant, run, work)
+
+
+def _params_response(params: dict[str, Any], headers: dict[str, str]) -> Response:
+    """Parameters as safetensors, with ``t`` and ``lr`` in its metadata as in the headers."""
+    meta = {"t": headers["Optim-T"], "lr": headers["Optim-LR"]}
+    return Response(payloads.encode(params, meta), media_type=SAFETENSORS, headers=headers)
 
 
 @router.get(
@@ -174,12 +184,7 @@ async def step(
 )
 async def get_params(request: Request, run: RunName, tenant: TenantDep) -> Response:
     def work(live: Live) -> Response:
-        meta = {"t": str(live.state.t), "lr": json.dumps(live.state.lrs)}
-        return Response(
-            payloads.encode(live.state.params(), meta),
-            media_type=SAFETENSORS,
-            headers={"Optim-T": meta["t"], "Optim-LR": meta["lr"]},
-        )
+        return _params_response(live.state.params(), {"Optim-T": str(live.state.t), "Optim-LR": json.dumps(live.state.lrs)})
 
     return await on_run(request, tenant, run, work)
 
