@@ -1,4 +1,4 @@
-"""optim_client: the worker's side of optim-service. Needs torch, httpx and safetensors only."""
+"""optim_client: the worker's side of optim-service. Needs torch and safetensors only."""
 
 from .remote import RemoteOptimizer, RemoteScheduler
 from .transport import OptimServiceError

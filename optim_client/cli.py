@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http.client import HTTPResponse
 from typing import Any
 
 import typer
@@ -109,16 +110,18 @@ def checkpoints_list(run: str, url: str = URL, token: str = TOKEN) -> None:
 @checkpoints_app.command("export")
 def checkpoints_export(run: str, name: str, path: str, url: str = URL, token: str = TOKEN) -> None:
     """Download a checkpoint as a .pt file for plain torch/timm, with a progress bar."""
-    http = _http(url, token)
-    with http.client.stream("GET", f"/runs/{run}/checkpoints/{name}/export") as r:
-        if r.status_code != 200:
-            r.read()
-            _fail(OptimServiceError(r.status_code, r.json().get("error", "Error"), r.json().get("detail", "")))
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn())
+
+    def sink(r: HTTPResponse) -> None:
         total = int(r.headers.get("Content-Length", 0)) or None
-        columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn())
         with Progress(*columns, console=console) as progress, open(path, "wb") as f:
             task = progress.add_task(name, total=total)
-            for chunk in r.iter_bytes(1 << 20):
+            while chunk := r.read(1 << 20):
                 f.write(chunk)
                 progress.update(task, advance=len(chunk))
+
+    try:
+        _http(url, token).request("GET", f"/runs/{run}/checkpoints/{name}/export", sink=sink)
+    except OptimServiceError as exc:
+        _fail(exc)
     console.print(f"wrote {path}")

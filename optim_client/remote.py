@@ -17,13 +17,14 @@ import copy
 import io
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from . import wire
 from .transport import OptimServiceError, Transport, default_url
 
 log = logging.getLogger("optim_client")
@@ -36,6 +37,18 @@ def _escape(name: str) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: decode;dur=7.1, step;dur=30.2`` -> ``{"decode": 7.1, "step": 30.2}`` (ms)."""
+    out = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";dur=")
+        try:
+            out[name] = float(rest)
+        except ValueError:
+            continue
+    return out
 
 
 def _named(params: Iterable[Any]) -> tuple[list[tuple[str, torch.Tensor]], list[dict[str, Any]] | None]:
@@ -104,6 +117,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.wire_dtype = wire_dtype
         self._by_name = dict(named)
         self._http = Transport(url or default_url(), token=token, retry_deadline=retry_deadline)
+        # the step's request and answer buffers, reused while the sizes stay the same: no fresh memory per step
+        self._encoder = wire.Encoder()
+        self._answer = bytearray()
         param_groups = dict(groups or {})
         if explicit is not None:
             # the groups as given, like torch.optim.X([{"params": ...}, ...]): no bias/norm split
@@ -122,7 +138,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         body: dict[str, Any] = {"name": run, "spec": spec, "durability": durability}
         if snapshot_every is not None:
             body["snapshot_every"] = snapshot_every
-        initial = st_save({n: p.detach().to("cpu").contiguous() for n, p in named}, metadata={"run": json.dumps(body)})
+        initial = wire.encode({n: p for n, p in named}, metadata={"run": json.dumps(body)})
         response = self._http.request("POST", "/runs", body=initial)
         info = response.json()
         self.resumed = response.status_code == 200
@@ -134,6 +150,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             {},
         )
         self.t: int = info["t"]
+        # of the last step, in ms: here (encode, round_trip, write) and the service's Server-Timing
+        self.last_timings: dict[str, Any] = {}
         self.scheduler = RemoteScheduler(self)
         if self.resumed:
             self.resync()  # even at t=0: the run's initial parameters, not this process's
@@ -164,11 +182,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 g = p.grad.detach()
                 if self.wire_dtype is not None:
                     g = g.to(self.wire_dtype)
-                grads[name] = g.to("cpu").contiguous()
+                grads[name] = g
         params: dict[str, Any] = {"t": self.t}
         if loss is not None:
             params["loss"] = float(loss)
-        r = self._http.request("POST", f"/runs/{self.run}/step", body=st_save(grads), params=params, passthrough=(409,))
+        start = time.perf_counter()
+        body = self._encoder.encode(grads)
+        sent = time.perf_counter()
+        r = self._http.request(
+            "POST", f"/runs/{self.run}/step", body=body, params=params, passthrough=(409,), into=self._answer_buffer
+        )
+        answered = time.perf_counter()
         if r.status_code == 409:
             body = r.json()
             if "current_t" not in body or body.get("reason") == "other_gradient":
@@ -176,15 +200,26 @@ class RemoteOptimizer(torch.optim.Optimizer):
             log.warning("step t=%d refused (%s); resyncing to the run at t=%d", self.t, body["detail"], body["current_t"])
             self.resync()
             return loss
-        self._write_params(st_load(r.content))
+        self._write_params(wire.views(r.content)[0])  # views of the answer buffer, copied into place at once
         self.t = int(r.headers["Optim-T"])
         self._set_lrs(json.loads(r.headers["Optim-LR"]))
+        self.last_timings = {
+            "encode": (sent - start) * 1e3,
+            "round_trip": (answered - sent) * 1e3,
+            "write": (time.perf_counter() - answered) * 1e3,
+            "server": _server_timing(r.headers.get("Server-Timing", "")),
+        }
         return loss
+
+    def _answer_buffer(self, size: int) -> bytearray:
+        if len(self._answer) != size:
+            self._answer = bytearray(size)
+        return self._answer
 
     def resync(self) -> None:
         """Load the service's current parameters into the local ones, and its t and LRs."""
         r = self._http.request("GET", f"/runs/{self.run}/params")
-        self._write_params(st_load(r.content))
+        self._write_params(st_load(bytes(r.content)))
         self.t = int(r.headers["Optim-T"])
         self._set_lrs(json.loads(r.headers["Optim-LR"]))
 
@@ -230,7 +265,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ averages and checkpoints
     def fetch_average(self, kind: str = "ema") -> dict[str, torch.Tensor]:
-        return st_load(self._http.request("GET", f"/runs/{self.run}/averages/{kind}").content)
+        return st_load(bytes(self._http.request("GET", f"/runs/{self.run}/averages/{kind}").content))
 
     def averaged_model(self, model: torch.nn.Module, kind: str = "swa", loader: Iterable[Any] | None = None) -> torch.nn.Module:
         """A copy of ``model`` holding the average; with a loader, its BatchNorm statistics are recomputed

@@ -211,6 +211,32 @@ def test_retries_until_the_service_is_back(tmp_path: Path) -> None:
         srv.stop()
 
 
+def test_a_connection_the_service_closed_while_idle_is_replaced(server: Server) -> None:
+    """uvicorn closes a kept-alive connection after 5 s idle: the next request, even one that is not retried
+    (a checkpoint), goes out on a new connection instead of failing."""
+    model = make_model(11)
+    opt = RemoteOptimizer(model.named_parameters(), url=server.base, run=_run(), lr=0.01, retry_deadline=0)
+    _loop(model, opt, range(1))
+    time.sleep(6)
+    assert opt.checkpoint("after-idle")["name"] == "after-idle"
+    time.sleep(6)
+    _loop(model, opt, range(1, 2))
+    assert opt.t == 2
+    opt.close()
+
+
+def test_step_timings_come_back_from_the_service(server: Server) -> None:
+    model = make_model(12)
+    opt = RemoteOptimizer(model.named_parameters(), url=server.base, run=_run(), lr=0.01)
+    _loop(model, opt, range(1))
+    timings = opt.last_timings
+    assert {"encode", "round_trip", "write"} <= set(timings)
+    assert {"receive", "decode", "step", "log", "encode"} <= set(timings["server"])
+    assert all(v >= 0 for v in timings["server"].values())
+    assert sum(timings["server"].values()) <= timings["round_trip"]  # the service's own time is part of the round trip
+    opt.close()
+
+
 def test_cli_lists_shows_plots_and_exports(server: Server, tmp_path: Path) -> None:
     model = make_model(10)
     run = _run()
@@ -256,7 +282,8 @@ def test_example_trains_through_preemption(server: Server, tmp_path: Path) -> No
 
 def test_client_needs_no_server_dependencies() -> None:
     code = (
-        "import sys; sys.modules.update({m: None for m in ('fastapi', 'sqlalchemy', 'alembic', 'starlette', 'uvicorn')});"
+        "import sys; blocked = ('fastapi', 'sqlalchemy', 'alembic', 'starlette', 'uvicorn', 'httpx');"
+        "sys.modules.update({m: None for m in blocked});"
         "import optim_client; print(optim_client.RemoteOptimizer.__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
