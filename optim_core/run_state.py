@@ -186,7 +186,7 @@ class RunState:
         if steps_schedule:
             assert self.schedule is not None
             self.schedule.check(epoch=False, metric=loss)
-        nonfinite = sorted(n for n, g in prepared.items() if not bool(torch.isfinite(g).all()))
+        nonfinite = _nonfinite(prepared)
         if nonfinite and self.spec.nonfinite == "error":
             raise NonFiniteGradient(
                 f"gradient(s) {nonfinite[:10]} contain NaN or Inf; the step was not applied "
@@ -498,6 +498,18 @@ class Captured:
 
     def digest(self) -> str:
         return codec.digest(self.meta, self.tensors)
+
+
+def _nonfinite(grads: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the gradients holding NaN or Inf. A tensor's 2-norm is finite when all of it is
+    (NaN and Inf carry through the sum of squares), and costs one vectorized pass, where
+    ``isfinite(g).all()`` costs ~10x more on CPU; only a non-finite norm (which a very large but finite
+    gradient can give, by overflow) is checked element by element."""
+    if not grads:
+        return []
+    names = list(grads)
+    finite = torch.isfinite(torch.stack([torch.linalg.vector_norm(grads[n]).float() for n in names])).tolist()
+    return sorted(n for n, ok in zip(names, finite, strict=True) if not ok and not bool(torch.isfinite(grads[n]).all()))
 
 
 def _plain(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from alembic import command
 
 from optim_client.cli import checkpoints_app, runs_app
 
+from . import allocator
 from .db import alembic_config
 from .settings import Settings
 
@@ -31,6 +32,8 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    if settings.tune_allocator:
+        allocator.tune()
     uvicorn.run(
         create_app(settings, host=host),
         host=host,

@@ -75,12 +75,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} (OPTIM_MAX_BODY_BYTES)")
-    buf = bytearray()
+    # the chunks are kept and joined once: one copy of the body (a growing bytearray copies it again and again)
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes (OPTIM_MAX_BODY_BYTES)")
-    return bytes(buf)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def content_kind(request: Request) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import xxhash
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+
+from optim_client import wire
 
 from .errors import Invalid, InvalidPayload
 
@@ -21,7 +22,7 @@ def digest(payload: bytes | memoryview) -> str:
 
 def decode(payload: bytes | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A safetensors body: its tensors and metadata. The library checks offsets and sizes against the header."""
-    data = bytes(payload)
+    data = payload if isinstance(payload, bytes) else bytes(payload)
     if len(data) < 8:
         raise InvalidPayload(f"the body is {len(data)} bytes: not a safetensors file (an 8-byte header length comes first)")
     try:
@@ -34,8 +35,9 @@ def decode(payload: bytes | memoryview) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, metadata
 
 
-def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> memoryview:
+    """A safetensors file, each tensor copied once into a new buffer (see ``optim_client.wire``)."""
+    return wire.encode(tensors, metadata)
 
 
 def from_json_lists(values: Any, like: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,11 +69,41 @@ class Live:
     created_at: Any = None
 
 
+class _StepAborted(Exception):
+    """The step a log write was started for was not applied: its transaction rolls back."""
+
+
+@dataclass
+class LogWrite:
+    """An event's log record being written in the background: the blob first, then (given ``event``) the row."""
+
+    key: str | None
+    payload: bytes | memoryview | None
+    event: Future[dict[str, Any]] = field(default_factory=Future)
+    done: Future[None] = field(default_factory=Future)
+
+
 @dataclass(frozen=True)
 class StepOutcome:
     result: StepResult
     replayed: bool
     params: dict[str, torch.Tensor]
+
+
+class Clock:
+    """Named intervals of a request, in milliseconds (sent back as a ``Server-Timing`` header)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + (now - self._last) * 1e3
+        self._last = now
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.laps.items())
 
 
 def spec_digest(spec: RunSpec, durability: str, snapshot_every: int) -> str:
@@ -88,11 +119,14 @@ class RunManager:
         self.device = optim_core.pick_device(settings.device)
         self._live: dict[tuple[str, str], Live] = {}
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        # log writes run beside the optimizer step they record (see LogWrite)
+        self._log_writers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="log")
         # kept here, not on the Live: a run evicted (and reloaded) must still wait for its snapshot in flight
         self._pending: dict[tuple[str, str], Future[None]] = {}
 
     def close(self) -> None:
         self._snapshots.shutdown(wait=True)
+        self._log_writers.shutdown(wait=True)
 
     # ------------------------------------------------------------------ database helpers
     def _db(self) -> Session:
@@ -273,8 +307,11 @@ class RunManager:
         )
 
     # ------------------------------------------------------------------ the hot path
-    def step(self, live: Live, *, t: int, payload: bytes, content_type: str, loss: float | None) -> StepOutcome:
+    def step(
+        self, live: Live, *, t: int, payload: bytes, content_type: str, loss: float | None, clock: Clock | None = None
+    ) -> StepOutcome:
         state = live.state
+        clock = clock or Clock()
         if content_type == "json":
             try:
                 body = json.loads(payload)
@@ -289,6 +326,7 @@ class RunManager:
         else:
             grads, _ = payloads.decode(payload)
         gdigest = payloads.digest(payload)
+        clock.lap("decode")
         if t == state.t - 1 and live.last_step_digest is not None:
             if gdigest == live.last_step_digest:
                 return StepOutcome(StepResult(t=state.t, lrs=state.lrs), replayed=True, params=state.params())
@@ -304,14 +342,24 @@ class RunManager:
                 current_t=state.t,
                 reason="stale" if t < state.t else "ahead",
             )
+        # the gradient goes to the log while the optimizer steps: the payload is not the tensors the optimizer
+        # is given (those are decoded copies), so both proceed at once and the answer waits for both
+        writer = self._begin_log(live, payload)
         try:
             result = state.apply(grads, t, loss=loss)
         except optim_core.StepFailed as exc:
+            self._abort_log(writer)
             self.evict(live.tenant, live.name)  # reloaded from the durable state on the next request
             raise Invalid(f"the optimizer failed on this gradient and nothing was applied: {exc}") from None
         except optim_core.EngineError as exc:
+            self._abort_log(writer)
             raise from_engine(exc) from None
-        self._commit_event(live, kind="step", t=t, value=loss, grad_digest=gdigest, payload=payload)
+        except BaseException:
+            self._abort_log(writer)
+            raise
+        clock.lap("step")
+        self._commit_event(live, writer, kind="step", t=t, value=loss, grad_digest=gdigest)
+        clock.lap("log")  # what the log write adds after the step (it ran beside it)
         live.last_step_digest = gdigest
         self._maybe_snapshot(live)
         return StepOutcome(result, replayed=False, params=state.params())
@@ -324,37 +372,60 @@ class RunManager:
             raise Invalid(f"the epoch step failed and nothing was applied: {exc}") from None
         except optim_core.EngineError as exc:
             raise from_engine(exc) from None
-        self._commit_event(live, kind="epoch", t=live.state.t, value=metric, grad_digest=None, payload=None)
+        self._commit_event(live, self._begin_log(live, None), kind="epoch", t=live.state.t, value=metric, grad_digest=None)
         return result
 
+    def _begin_log(self, live: Live, payload: bytes | memoryview | None) -> LogWrite | None:
+        """Start writing the event's log record: its payload's blob first, the row once ``_commit_event`` gives it."""
+        if live.durability != "log":
+            return None
+        writer = LogWrite(key=new_key() if payload is not None else None, payload=payload)
+        writer.done = self._log_writers.submit(self._write_log, live, writer)
+        return writer
+
+    def _write_log(self, live: Live, writer: LogWrite) -> None:
+        with self._db() as session, session.begin():
+            if writer.key is not None and writer.payload is not None:
+                self.blobs.put(session, writer.key, writer.payload)
+            event = writer.event.result()  # what the step produced, or the step failed and this rolls back
+            session.add(Event(run_id=live.id, **event["event"]))
+            session.execute(update(Run).where(Run.id == live.id).values(**event["run"]))
+
+    def _abort_log(self, writer: LogWrite | None) -> None:
+        if writer is None:
+            return
+        writer.event.set_exception(_StepAborted())
+        try:
+            writer.done.result()
+        except _StepAborted:
+            pass
+        except (SQLAlchemyError, StorageUnavailable) as exc:
+            log.warning("discarding the log write of a step that was not applied: %s", exc)
+        if writer.key is not None:
+            self.blobs.drop([writer.key])
+
     def _commit_event(
-        self, live: Live, *, kind: str, t: int, value: float | None, grad_digest: str | None, payload: bytes | None
+        self, live: Live, writer: LogWrite | None, *, kind: str, t: int, value: float | None, grad_digest: str | None
     ) -> None:
         state = live.state
-        if live.durability == "log":
-            key = new_key() if payload is not None else None
+        if writer is not None:
+            event = {
+                "seq": live.seq + 1,
+                "kind": kind,
+                "t": t,
+                "value": value,
+                "grad_digest": grad_digest,
+                "checksum": state.checksum(),
+                "blob_key": writer.key,
+            }
+            writer.event.set_result({"event": event, "run": {"t": state.t, "epoch": state.epoch, "seq": live.seq + 1}})
             try:
-                with self._db() as session, session.begin():
-                    if key is not None and payload is not None:
-                        self.blobs.put(session, key, payload)
-                    session.add(
-                        Event(
-                            run_id=live.id,
-                            seq=live.seq + 1,
-                            kind=kind,
-                            t=t,
-                            value=value,
-                            grad_digest=grad_digest,
-                            checksum=state.checksum(),
-                            blob_key=key,
-                        )
-                    )
-                    session.execute(update(Run).where(Run.id == live.id).values(t=state.t, epoch=state.epoch, seq=live.seq + 1))
+                writer.done.result()
             except (SQLAlchemyError, StorageUnavailable) as exc:
                 # the state in memory is ahead of the database: drop it, recover on the next request
                 self.evict(live.tenant, live.name)
-                if key is not None:
-                    self.blobs.drop([key])
+                if writer.key is not None:
+                    self.blobs.drop([writer.key])
                 if isinstance(exc, StorageUnavailable):
                     raise
                 raise self._storage_failed(exc, f"logging step t={t}") from exc

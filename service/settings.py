@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     )
     max_tensors: int = Field(default=100_000, ge=1, description="Most parameter tensors a run may have.")
     device: str | None = Field(default=None, description="Torch device to step on; default CUDA when present, else CPU.")
+    tune_allocator: bool = Field(
+        default=True, description="Keep large blocks in glibc's heap (mallopt) so each step reuses warm memory."
+    )
 
     @field_validator("database_url")
     @classmethod

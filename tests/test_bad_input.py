@@ -231,3 +231,17 @@ def test_caller_gradients_are_not_modified() -> None:
     for k, g in enumerate(grads):
         run.apply(g, k)
     assert all(bitwise_equal(kept[k][n], grads[k][n]) for k in range(2) for n in grads[k])
+
+
+def test_huge_but_finite_gradients_are_not_taken_for_nonfinite() -> None:
+    """The finiteness check looks at each tensor's 2-norm first; a norm that overflows (finite values
+    near float32's max) must be checked element by element, not refused."""
+    model = make_model()
+    run = RunState(_spec(model), initial_params(model))
+    grads = make_grads(model, 1)[0]
+    huge = torch.full_like(grads["head.weight"], 3e38)
+    assert not torch.isfinite(torch.linalg.vector_norm(huge))  # the norm does overflow
+    result = run.apply(_with(grads, "head.weight", huge), 0)
+    assert not result.skipped and run.t == 1
+    with pytest.raises(NonFiniteGradient, match=r"head\.weight"):
+        run.apply(_with(_nan(grads), "norm.bias", grads["norm.bias"]), 1)

@@ -19,7 +19,7 @@ from schemas import RunCreate, RunList, RunPublic, SchedulePreview, SchedulePubl
 from .. import payloads
 from ..deps import ManagerDep, RunName, SettingsDep, TenantDep, content_kind, on_run, read_body
 from ..errors import Invalid, InvalidPayload, RunNotFound
-from ..runtime import Live, RunManager, StepOutcome
+from ..runtime import Clock, Live, RunManager, StepOutcome
 
 router = APIRouter(tags=["runs"])
 SAFETENSORS = "application/octet-stream"
@@ -152,21 +152,28 @@ async def step(
     loss: Annotated[float | None, Query(description="The step's loss (plateau schedulers use it).")] = None,
     returns: Annotated[Literal["params", "none", "json"], Query(alias="return")] = "params",
 ) -> Response:
+    clock = Clock()
     body = await read_body(request, settings.max_body_bytes)
+    clock.lap("receive")
     manager: RunManager = request.app.state.manager
 
     # the answer is built under the run's lock: the parameters are views of the live ones, which the next step changes
     def work(live: Live) -> Response:
-        outcome = manager.step(live, t=t, payload=body, content_type=content_kind(request), loss=loss)
+        clock.lap("wait")  # for the run's lock (another request on the run) and a worker thread
+        outcome = manager.step(live, t=t, payload=body, content_type=content_kind(request), loss=loss, clock=clock)
         headers = _step_headers(outcome)
         if returns == "none":
-            return Response(status_code=200, headers=headers)
-        if returns == "json":
+            response = Response(status_code=200, headers=headers)
+        elif returns == "json":
             params = {n: v.tolist() for n, v in outcome.params.items()}
-            return JSONResponse(
+            response = JSONResponse(
                 {"t": outcome.result.t, "lr": outcome.result.lrs, "replayed": outcome.replayed, "params": params}, headers=headers
             )
-        return _params_response(outcome.params, headers)
+        else:
+            response = _params_response(outcome.params, headers)
+        clock.lap("encode")
+        response.headers["Server-Timing"] = clock.header()
+        return response
 
     return await on_run(request, tenant, run, work)
 
