@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -151,12 +152,21 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
-def digest(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
-    """A hash of the whole state: canonical JSON, then every tensor's name, dtype, shape and bytes."""
-    h = hashlib.blake2b(digest_size=32)
+def digest(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], algorithm: str = "xxh3") -> str:
+    """A hash of the whole state: canonical JSON, then every tensor's name, dtype, shape and bytes.
+
+    ``xxh3:<128-bit hex>`` (~20 GB/s: it is computed for every snapshot and checked at every recovery;
+    blake2b took 130 ms for a 10M-parameter AdamW state). Digests recorded before carry no prefix and
+    were blake2b-256: ``digest_matches`` checks either.
+    """
+    h: Any = xxhash.xxh3_128() if algorithm == "xxh3" else hashlib.blake2b(digest_size=32)
     h.update(json.dumps(meta, sort_keys=True, allow_nan=False).encode())
     for key in sorted(tensors):
         t = tensors[key]
         h.update(f"\0{key}\0{dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
         h.update(tensor_bytes(t))
-    return h.hexdigest()
+    return f"xxh3:{h.hexdigest()}" if algorithm == "xxh3" else str(h.hexdigest())
+
+
+def digest_matches(recorded: str, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bool:
+    return digest(meta, tensors, "xxh3" if recorded.startswith("xxh3:") else "blake2b") == recorded

@@ -454,6 +454,11 @@ class RunState:
         meta, tensors = self._encoded()
         return codec.digest(meta, tensors)
 
+    def digest_matches(self, recorded: str) -> bool:
+        """Whether ``recorded`` (a digest of this or an earlier format) is this state's."""
+        meta, tensors = self._encoded()
+        return codec.digest_matches(recorded, meta, tensors)
+
     @classmethod
     def from_bytes(cls, data: bytes, *, device: str | torch.device | None = None) -> RunState:
         meta, tensors = codec.unpack(data)
