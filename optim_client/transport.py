@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from email.message import Message
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -24,6 +24,10 @@ from urllib.parse import urlencode, urlsplit
 log = logging.getLogger("optim_client")
 RETRY_STATUSES = {500, 502, 503, 504}
 TransportError = (OSError, http.client.HTTPException)
+
+
+Buffer = bytes | bytearray | memoryview
+Body = Buffer | Sequence[Buffer]  # a sequence is sent as the concatenation of its buffers
 
 
 class OptimServiceError(RuntimeError):
@@ -77,7 +81,7 @@ class Transport:
         self,
         method: str,
         path: str,
-        body: bytes | bytearray | memoryview | None,
+        body: memoryview | list[memoryview] | None,
         headers: dict[str, str],
         into: Callable[[int], bytearray] | None,
         sink: Callable[[http.client.HTTPResponse], None] | None,
@@ -118,7 +122,7 @@ class Transport:
         method: str,
         path: str,
         *,
-        body: bytes | bytearray | memoryview | None = None,
+        body: Body | None = None,
         content_type: str = "application/octet-stream",
         json: Any = None,
         params: Mapping[str, Any] | None = None,
@@ -137,16 +141,19 @@ class Transport:
         headers: dict[str, str] = {}
         if json is not None:
             body, content_type = jsonlib.dumps(json).encode(), "application/json"
+        send: memoryview | list[memoryview] | None = None
         if body is not None:
-            body = memoryview(body)  # sent as it is: http.client would concatenate a bytes body to the headers
-            headers = {"Content-Type": content_type, "Content-Length": str(body.nbytes)}
+            # buffers are sent as they are (sendall of each); the length is given, so nothing is chunk-encoded
+            send = [memoryview(b) for b in body] if isinstance(body, (list, tuple)) else memoryview(body)
+            size = sum(b.nbytes for b in send) if isinstance(send, list) else send.nbytes
+            headers = {"Content-Type": content_type, "Content-Length": str(size)}
         if params:
             path += "?" + urlencode({k: v for k, v in params.items() if v is not None})
         deadline = time.monotonic() + (self.retry_deadline if retry else 0)
         delay = 0.05
         while True:
             try:
-                response = self._exchange(method, path, body, headers, into, sink)
+                response = self._exchange(method, path, send, headers, into, sink)
             except TransportError as exc:
                 if time.monotonic() > deadline:
                     raise

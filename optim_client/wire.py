@@ -4,8 +4,8 @@
 (a 40 MB body costs ~14–40 ms, most of it first-touch page faults on fresh memory), and ``load``
 copies every tensor out of the buffer. A training loop sends the same shapes every step, so:
 
-- ``encode`` writes the header and each tensor's bytes once, into a buffer that can be reused
-  from one step to the next (``Encoder``);
+- ``parts`` gives the header and each tensor's own memory, to be sent one after the other (no copy);
+  ``encode`` writes them once into one new buffer (the service's answers, built under the run's lock);
 - ``views`` gives tensors that *are* slices of a received buffer (``torch.frombuffer``), for a
   caller that copies them into place at once (the client writing the parameters).
 
@@ -16,7 +16,9 @@ service decodes what clients send with the safetensors library itself, which val
 from __future__ import annotations
 
 import json
+import math
 import struct
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -34,6 +36,9 @@ DTYPES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 BY_NAME = {v: k for k, v in DTYPES.items()}
+
+# views of a read-only ``bytes`` body are only ever read (copied from); torch warns once that it could be written
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, int]:
@@ -62,62 +67,77 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-class Encoder:
-    """Encodes into one buffer, kept and reused while the encoded size stays the same."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def encode(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> memoryview:
-        """The safetensors file of ``tensors``; valid until the next call (it lives in this encoder's buffer)."""
-        header, data_size = _header(tensors, metadata)
-        size = 8 + len(header) + data_size
-        if len(self._buffer) != size:
-            self._buffer = bytearray(size)
-        out = memoryview(self._buffer)
-        struct.pack_into("<Q", out, 0, len(header))
-        out[8 : 8 + len(header)] = header
-        pos = 8 + len(header)
-        for t in tensors.values():
-            data = _bytes_of(t)
-            out[pos : pos + len(data)] = data
-            pos += len(data)
-        return out
+def parts(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list[memoryview]:
+    """The safetensors file of ``tensors`` as a list of buffers: the header, then each tensor's own memory
+    (CPU tensors are not copied). Sent one after the other, they are the file; valid while the tensors
+    are unchanged."""
+    header, _ = _header(tensors, metadata)
+    return [memoryview(struct.pack("<Q", len(header)) + header), *(_bytes_of(t) for t in tensors.values())]
 
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> memoryview:
-    """The safetensors file of ``tensors`` in a new buffer (one copy of each tensor)."""
-    return Encoder().encode(tensors, metadata)
+    """The safetensors file of ``tensors`` in one new buffer: each tensor copied once, into memory that is
+    not zeroed first (``torch.empty``)."""
+    pieces = parts(tensors, metadata)
+    size = sum(p.nbytes for p in pieces)
+    out = memoryview(torch.empty(size, dtype=torch.uint8).numpy())
+    pos = 0
+    for piece in pieces:
+        out[pos : pos + piece.nbytes] = piece
+        pos += piece.nbytes
+    return out
 
 
-def views(buffer: bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def views(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors that share memory with ``buffer`` (a safetensors file), and its metadata.
 
-    For a buffer the caller owns and will not change while the tensors are in use; offsets and
-    sizes are checked against the buffer.
+    For a buffer that stays unchanged while the tensors are in use; they are to be copied, not written
+    (a ``bytes`` buffer is read-only). The header is checked as strictly as safetensors checks it: a
+    JSON object of known dtypes, non-negative integer shapes, and data offsets that fit the shape and
+    tile the data exactly, in order, with neither gap nor overlap. Any other file is a ``ValueError``.
     """
-    view = memoryview(buffer)
+    view = memoryview(buffer).cast("B")
     if len(view) < 8:
-        raise ValueError(f"{len(view)} bytes is not a safetensors file")
+        raise ValueError(f"{len(view)} bytes is not a safetensors file (an 8-byte header length comes first)")
     (header_len,) = struct.unpack_from("<Q", view, 0)
     if header_len > len(view) - 8:
-        raise ValueError("the safetensors header runs past the end of the body")
-    header = json.loads(bytes(view[8 : 8 + header_len]))
+        raise ValueError(f"the header length {header_len} runs past the end of the {len(view)}-byte body")
+    try:
+        header = json.loads(bytes(view[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"the header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ must map names to strings")
     start = 8 + header_len
-    out: dict[str, torch.Tensor] = {}
+    entries = []
     for name, info in header.items():
-        dtype = BY_NAME[info["dtype"]]
-        begin, end = info["data_offsets"]
-        shape = [int(s) for s in info["shape"]]
-        numel = 1
-        for s in shape:
-            numel *= s
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {name!r}: an entry is {{dtype, shape, data_offsets}}")
+        dtype = BY_NAME.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {sorted(BY_NAME)}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    expected = 0
+    out: dict[str, torch.Tensor] = {}
+    for begin, end, name, dtype, shape in entries:
+        numel = math.prod(shape)
         item = torch.empty((), dtype=dtype).element_size()
-        if end - begin != numel * item or start + end > len(view) or begin < 0:
-            raise ValueError(f"tensor {name!r}: offsets {begin}..{end} do not fit its shape {shape} or the body")
+        if begin != expected or end - begin != numel * item:
+            raise ValueError(f"tensor {name!r}: data_offsets [{begin}, {end}] do not follow the previous tensor or fit {shape}")
+        expected = end
         if numel == 0:
             out[name] = torch.empty(shape, dtype=dtype)
         else:
             out[name] = torch.frombuffer(view, dtype=dtype, count=numel, offset=start + begin).view(shape)
+    if start + expected != len(view):
+        raise ValueError(f"the tensors cover {expected} bytes of data; the body has {len(view) - start}")
     return out, metadata

@@ -3,6 +3,9 @@ equal), and its zero-copy reader gives what the library gives, as views of the b
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -69,17 +72,57 @@ def test_truncated_buffers_are_refused(cut: int) -> None:
         wire.views(bytearray(data[:cut]))
 
 
-def test_the_encoder_reuses_its_buffer_while_the_size_stays() -> None:
-    enc = wire.Encoder()
-    a = enc.encode({"w": torch.ones(100)})
-    first = torch.frombuffer(a, dtype=torch.uint8).data_ptr()
-    b = enc.encode({"w": torch.full((100,), 2.0)})
-    assert torch.frombuffer(b, dtype=torch.uint8).data_ptr() == first
-    assert bitwise_equal(st_load(bytes(b))["w"], torch.full((100,), 2.0))
-    c = enc.encode({"w": torch.ones(101)})
-    assert len(c) != len(b) and bitwise_equal(st_load(bytes(c))["w"], torch.ones(101))
+def test_parts_are_the_file_and_share_the_tensors_memory() -> None:
+    tensors = _tensors()
+    pieces = wire.parts(tensors, {"k": "v"})
+    assert b"".join(bytes(p) for p in pieces) == bytes(wire.encode(tensors, {"k": "v"}))
+    w = tensors["w"]
+    assert torch.frombuffer(pieces[1], dtype=torch.uint8).data_ptr() == w.data_ptr()  # not a copy
 
 
 def test_unsupported_dtypes_are_named() -> None:
     with pytest.raises(TypeError, match="complex64"):
         wire.encode({"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+def _file(header: object, data: bytes, header_len: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
+
+
+_W = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+_B = {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}
+MALFORMED = {
+    "gap between tensors": _file({"w": _W, "b": {**_B, "data_offsets": [9, 13]}}, bytes(13)),
+    "overlapping tensors": _file({"w": _W, "b": {**_B, "data_offsets": [4, 8]}}, bytes(8)),
+    "offsets past the data": _file({"w": {**_W, "data_offsets": [0, 16]}}, bytes(8)),
+    "size does not fit the shape": _file({"w": {**_W, "shape": [3]}}, bytes(8)),
+    "trailing bytes": _file({"w": _W}, bytes(12)),
+    "unknown dtype": _file({"w": {**_W, "dtype": "F8_E8M0"}}, bytes(8)),
+    "negative dimension": _file({"w": {**_W, "shape": [-2]}}, bytes(8)),
+    "float dimension": _file({"w": {**_W, "shape": [2.0]}}, bytes(8)),
+    "missing offsets": _file({"w": {"dtype": "F32", "shape": [2]}}, bytes(8)),
+    "header not an object": _file([1, 2], b""),
+    "header not JSON": _file(b"{nope", b""),
+    "header length past the end": _file({"w": _W}, bytes(8), header_len=10**9),
+    "metadata not strings": _file({"__metadata__": {"k": 1}, "w": _W}, bytes(8)),
+    "too short": b"\x01\x02",
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_the_reader_refuses_what_safetensors_refuses(name: str) -> None:
+    """The service decodes gradients with ``wire.views`` (no copy); it must refuse every file the library does."""
+    data = MALFORMED[name]
+    with pytest.raises(Exception):  # noqa: B017  (safetensors raises several types)
+        st_load(data)
+    with pytest.raises(ValueError):
+        wire.views(data)
+
+
+def test_the_reader_accepts_what_safetensors_accepts_in_any_header_order() -> None:
+    data = _file({"b": _B, "__metadata__": {"k": "v"}, "w": _W}, struct.pack("<3f", 1.0, 2.0, 3.0))
+    ours, meta = wire.views(data)
+    theirs = st_load(data)
+    assert meta == {"k": "v"} and set(ours) == set(theirs) == {"w", "b"}
+    assert all(bitwise_equal(ours[k], theirs[k]) for k in theirs)
