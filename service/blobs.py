@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy import delete, select, union
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import StorageUnavailable
 from .models import BlobChunk, Checkpoint, Event, Snapshot
@@ -37,6 +38,13 @@ def referenced_keys(session: Session) -> set[str]:
 
 class BlobStore(Protocol):
     def put(self, session: Session, key: str, data: bytes | memoryview) -> None: ...
+
+    def put_staged(self, sessions: sessionmaker[Session], key: str, data: bytes | memoryview) -> None:
+        """Store a blob ahead of the transaction that will reference it, in short transactions of its own, so
+        that a large background write (a snapshot) never holds the database's write lock for long. Until a row
+        references it, the blob is garbage to ``collect``; ``discard`` removes it when it will not be."""
+
+    def discard(self, sessions: sessionmaker[Session], key: str) -> None: ...
 
     def get(self, session: Session, key: str) -> bytes: ...
 
@@ -61,6 +69,23 @@ class DatabaseBlobStore:
             BlobChunk(blob_key=key, part=i, data=bytes(view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes])) for i in range(n)
         )
         session.flush()
+
+    def put_staged(self, sessions: sessionmaker[Session], key: str, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        n = max(1, -(-len(view) // self.chunk_bytes))
+        try:
+            for i in range(n):
+                with sessions() as session, session.begin():
+                    chunk = bytes(view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes])
+                    session.add(BlobChunk(blob_key=key, part=i, data=chunk))
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.discard(sessions, key)
+            raise
+
+    def discard(self, sessions: sessionmaker[Session], key: str) -> None:
+        with sessions() as session, session.begin():
+            self.delete(session, [key])
 
     def get(self, session: Session, key: str) -> bytes:
         parts = session.execute(select(BlobChunk.data).where(BlobChunk.blob_key == key).order_by(BlobChunk.part)).scalars().all()
@@ -114,6 +139,12 @@ class DirectoryBlobStore:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageUnavailable(f"could not write blob {key}: {exc.strerror or exc}") from exc
+
+    def put_staged(self, sessions: sessionmaker[Session], key: str, data: bytes | memoryview) -> None:
+        self.put(None, key, data)  # type: ignore[arg-type]  # a file needs no session
+
+    def discard(self, sessions: sessionmaker[Session], key: str) -> None:
+        self.drop([key])
 
     def get(self, session: Session, key: str) -> bytes:
         try:

@@ -13,9 +13,13 @@ and written by a background thread; the log before the newest snapshot is pruned
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,6 +73,10 @@ class Live:
     created_at: Any = None
 
 
+class _Superseded(Exception):
+    """A snapshot whose run was deleted or rewritten while it was being written: dropped."""
+
+
 class _StepAborted(Exception):
     """The step a log write was started for was not applied: its transaction rolls back."""
 
@@ -106,6 +114,14 @@ class Clock:
         return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.laps.items())
 
 
+def _yield_to_steps() -> None:
+    """Background snapshots run at a lower CPU priority than the steps they must not slow down (on Linux a
+    thread's own nice value; elsewhere setpriority would renice the whole process, so it is left alone)."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 def spec_digest(spec: RunSpec, durability: str, snapshot_every: int) -> str:
     canonical = json.dumps({"spec": spec.to_dict(), "durability": durability, "snapshot_every": snapshot_every}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -118,7 +134,7 @@ class RunManager:
         self.blobs = blobs
         self.device = optim_core.pick_device(settings.device)
         self._live: dict[tuple[str, str], Live] = {}
-        self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot", initializer=_yield_to_steps)
         # log writes run beside the optimizer step they record (see LogWrite)
         self._log_writers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="log")
         # kept here, not on the Live: a run evicted (and reloaded) must still wait for its snapshot in flight
@@ -460,33 +476,43 @@ class RunManager:
     def write_snapshot(self, live: Live, captured: Captured, seq: int) -> None:
         data, digest = captured.to_bytes(), captured.digest()
         key = new_key()
-        with self._db() as session, session.begin():
-            row = session.get(Run, live.id)
-            if row is None or (live.durability == "log" and row.seq < seq):
-                return  # deleted, or its history rewritten meanwhile: this state is no longer the run's
-            try:
-                self.blobs.put(session, key, data)
-            except Exception:
-                self.blobs.drop([key])
-                raise
-            session.add(Snapshot(run_id=live.id, seq=seq, t=captured.t, digest=digest, blob_key=key, size=len(data)))
-            old = session.execute(select(Snapshot).where(Snapshot.run_id == live.id, Snapshot.seq < seq)).scalars().all()
-            # the event at `seq` stays: it holds the digest a retry of the last step is checked against
-            pruned = (
-                session.execute(
-                    select(Event.blob_key).where(Event.run_id == live.id, Event.seq < seq, Event.blob_key.is_not(None))
-                )
-                .scalars()
-                .all()
-            )
-            session.execute(delete(Event).where(Event.run_id == live.id, Event.seq < seq))
-            for s in old:
-                session.delete(s)
-            self.blobs.delete(session, [*pruned, *(s.blob_key for s in old)])
-            if live.durability == "snapshot":
-                session.execute(update(Run).where(Run.id == live.id).values(t=captured.t, epoch=captured.epoch, seq=seq))
-        self.blobs.drop([*pruned, *(s.blob_key for s in old)])
+        # the blob first, outside the transaction: the steps' log writes go on while 100s of MB are written
+        self.blobs.put_staged(self.sessions, key, data)
+        try:
+            with self._db() as session, session.begin():
+                row = session.get(Run, live.id)
+                if row is None or (live.durability == "log" and row.seq < seq):
+                    raise _Superseded  # deleted, or its history rewritten meanwhile: this state is no longer the run's
+                dropped = self._record_snapshot(session, live, captured, seq, digest, key, len(data))
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self.blobs.discard(self.sessions, key)
+            if isinstance(exc, _Superseded):
+                return
+            raise
+        self.blobs.drop(dropped)
         live.last_snapshot_seq, live.last_snapshot_t = seq, captured.t
+
+    def _record_snapshot(
+        self, session: Session, live: Live, captured: Captured, seq: int, digest: str, key: str, size: int
+    ) -> list[str]:
+        """The snapshot's row, and the log and snapshots before it pruned; the blobs to drop once committed."""
+        session.add(Snapshot(run_id=live.id, seq=seq, t=captured.t, digest=digest, blob_key=key, size=size))
+        old = session.execute(select(Snapshot).where(Snapshot.run_id == live.id, Snapshot.seq < seq)).scalars().all()
+        # the event at `seq` stays: it holds the digest a retry of the last step is checked against
+        pruned = (
+            session.execute(select(Event.blob_key).where(Event.run_id == live.id, Event.seq < seq, Event.blob_key.is_not(None)))
+            .scalars()
+            .all()
+        )
+        session.execute(delete(Event).where(Event.run_id == live.id, Event.seq < seq))
+        for s in old:
+            session.delete(s)
+        dropped = [*pruned, *(s.blob_key for s in old)]
+        self.blobs.delete(session, dropped)
+        if live.durability == "snapshot":
+            session.execute(update(Run).where(Run.id == live.id).values(t=captured.t, epoch=captured.epoch, seq=seq))
+        return dropped
 
     def flush_all(self) -> None:
         """At shutdown: snapshot-only runs write what they have, so a clean stop loses nothing."""
