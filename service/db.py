@@ -14,6 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from .settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# SQLite pages: at 4 KiB (its default) 40 MB of 16 MiB blob chunks took 130-175 ms to commit, at 64 KiB
+# 52-55 ms (../shared/PERF-NOTES.md); the WAL's auto-checkpoint (1000 pages) also comes 16x less often
+SQLITE_PAGE_SIZE = 65536
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -29,7 +32,7 @@ def make_engine(settings: Settings) -> Engine:
             # writer waits for the lock up front instead of failing to upgrade a read lock later.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA page_size=65536")  # only takes effect on a new file: 3x faster blob writes
+            cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # only takes effect on a new file (see migrate)
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")  # an acknowledged step survives power loss, not just a crash
             cur.execute("PRAGMA foreign_keys=ON")
@@ -42,6 +45,26 @@ def make_engine(settings: Settings) -> Engine:
 
         return engine
     return create_engine(settings.database_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def upgrade_sqlite_pages(engine: Engine) -> tuple[int, int] | None:
+    """Rebuild an SQLite file made with smaller pages (by an earlier version) with ``SQLITE_PAGE_SIZE``:
+    ``VACUUM`` outside WAL mode, which needs the file's size again on disk for a while. (old, new) when
+    it was rebuilt, else None."""
+    conn = engine.raw_connection()  # the DB-API connection: these pragmas and VACUUM run outside any transaction
+    try:
+        cur = conn.cursor()
+        (old,) = cur.execute("PRAGMA page_size").fetchone()
+        if old == SQLITE_PAGE_SIZE:
+            return None
+        cur.execute("PRAGMA journal_mode=DELETE")
+        cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
+        cur.execute("VACUUM")
+        cur.execute("PRAGMA journal_mode=WAL")
+        (new,) = cur.execute("PRAGMA page_size").fetchone()
+        return old, new
+    finally:
+        conn.close()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
