@@ -459,7 +459,14 @@ class RunManager:
             return
         pending = self._pending.get((live.tenant, live.name))
         if pending is not None and not pending.done():
-            return  # one at a time; the next step tries again
+            if live.durability == "log":
+                return  # one at a time; the log holds every step meanwhile, and the next step tries again
+            # a snapshot-only run promises to lose at most `snapshot_every` steps: the step waits for the one in
+            # flight rather than leave this one to a next step that a preempted worker may never send
+            with contextlib.suppress(Exception):  # a failed snapshot was logged by _write_snapshot
+                pending.result()
+            if live.seq - live.last_snapshot_seq < live.snapshot_every:
+                return
         try:
             captured = live.state.capture()
         except Exception:

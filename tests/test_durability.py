@@ -67,6 +67,13 @@ def _create(client: httpx.Client, model: torch.nn.Module, name: str, **policy: A
     assert r.status_code in (200, 201), r.text
 
 
+def _wait_for_snapshot(client: httpx.Client, name: str, *, t: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while (last := client.get(f"/runs/{name}").json()["last_snapshot_t"]) != t:
+        assert time.monotonic() < deadline, f"no snapshot at t={t} after {timeout} s (last: {last})"
+        time.sleep(0.05)
+
+
 def _send(base: str, name: str, t: int, body: bytes) -> httpx.Response:
     with httpx.Client(base_url=base, timeout=30) as c:
         return c.post(f"/runs/{name}/step", params={"t": t, "loss": 1.0}, content=body)
@@ -148,7 +155,7 @@ def test_snapshot_only_runs_lose_at_most_what_they_say(db: str, tmp_path: Path) 
             _create(client, model, "light", durability="snapshot", snapshot_every=5)
             for k in range(12):
                 assert client.post("/runs/light/step", params={"t": k}, content=encode(grads[k])).status_code == 200
-        time.sleep(1.0)  # the snapshot at t=10 is written in the background
+            _wait_for_snapshot(client, "light", t=10)  # written in the background (at a lower CPU priority)
         server.kill()
         server.start()
         with server.client() as client:
