@@ -31,7 +31,7 @@ class SchemaNotAtHead(RuntimeError):
 
 def make_blob_store(settings: Settings) -> BlobStore:
     if settings.blob_store == "directory":
-        return DirectoryBlobStore(settings.blob_dir)
+        return DirectoryBlobStore(settings.blob_dir, spare_bytes=settings.blob_spare_bytes)
     return DatabaseBlobStore(settings.blob_chunk_bytes)
 
 

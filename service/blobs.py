@@ -4,13 +4,16 @@
   transaction, so a step and its log record commit (or vanish) together.
 - ``DirectoryBlobStore``: one file per blob, written and fsynced *before* the transaction that
   references it commits; a crash in between leaves a file that nothing references, which
-  ``collect`` removes.
+  ``collect`` removes. Files that are no longer referenced are recycled: creating a 40 MB file costs
+  20-130 ms on ext4 here (bimodally), rewriting one of the same size 13-16 ms, so dropped blobs wait in
+  ``spare/`` for a new blob of their size, as PostgreSQL recycles its WAL segments.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -110,9 +113,19 @@ class DatabaseBlobStore:
 
 
 class DirectoryBlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spare_bytes: int = 2 * 1024**3) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        # files no longer referenced, kept to be rewritten: by size, at most ``spare_bytes`` in all
+        self.spare_dir = root / "spare"
+        self.spare_dir.mkdir(exist_ok=True)
+        self.spare_bytes = spare_bytes
+        self._spares: dict[int, list[Path]] = {}
+        self._spare_total = 0
+        self._spare_lock = threading.Lock()
+        for path in self.spare_dir.iterdir():
+            self._spares.setdefault(path.stat().st_size, []).append(path)
+            self._spare_total += path.stat().st_size
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -120,14 +133,19 @@ class DirectoryBlobStore:
     def put(self, session: Session, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        view = memoryview(data).cast("B")
+        # a spare of the same size is rewritten in place: its size and blocks stay, so only the data is synced
+        spare = self._take_spare(len(view))
+        tmp = spare or path.with_suffix(".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY) if spare else os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if spare:
+                    os.fdatasync(fd)
+                else:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -156,13 +174,45 @@ class DirectoryBlobStore:
         pass  # the files go in drop(), once the transaction that forgot them has committed
 
     def drop(self, keys: Iterable[str]) -> None:
+        """Forget blobs that no committed row references: kept as spares while there is room, else removed."""
         for key in keys:
-            self._path(key).unlink(missing_ok=True)
+            path = self._path(key)
+            with contextlib.suppress(FileNotFoundError):
+                if not self._recycle(path):
+                    path.unlink()
+
+    def _take_spare(self, size: int) -> Path | None:
+        with self._spare_lock:
+            same = self._spares.get(size)
+            if not same:
+                return None
+            self._spare_total -= size
+            return same.pop()
+
+    def _recycle(self, path: Path) -> bool:
+        """Move ``path`` to the spares (no fsync: after a crash it is garbage wherever it is)."""
+        size = path.stat().st_size
+        with self._spare_lock:
+            if size == 0 or self._spare_total + size > self.spare_bytes:
+                return False
+            self._spare_total += size
+        spare = self.spare_dir / new_key()
+        try:
+            os.rename(path, spare)
+        except OSError:
+            with self._spare_lock:
+                self._spare_total -= size
+            raise
+        with self._spare_lock:
+            self._spares.setdefault(size, []).append(spare)
+        return True
 
     def collect(self, session: Session) -> int:
         live = referenced_keys(session)
         removed = 0
         for path in self.root.glob("*/*"):
+            if path.parent == self.spare_dir:
+                continue
             if path.name.split(".")[0] not in live:
                 path.unlink(missing_ok=True)
                 removed += 1

@@ -22,6 +22,11 @@ class Settings(BaseSettings):
         default="database", description="Where tensors (step log, snapshots, checkpoints) are kept."
     )
     blob_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, description="Row size of the database blob store.")
+    blob_spare_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description="Directory blob store: bytes of unreferenced files kept to be rewritten by new blobs of their size.",
+    )
     max_body_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest request body accepted (413 beyond).")
     default_snapshot_every: int = Field(default=100, ge=1, description="Snapshot interval of runs that do not set one.")
     max_runs: int = Field(default=10_000, ge=1, description="Most runs a tenant may keep.")
