@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test lint unit format clean
+.PHONY: install serve test lint unit format clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -n auto -q
+
+# what hosting the optimizer costs, against in-process and the alternatives (~15 min; see bench/README.md)
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
