@@ -170,7 +170,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     p.grad.requires_grad_(False)
                 p.grad.zero_()
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -232,7 +232,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             g["lr"] = lr
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The optimizer's torch-format ``state_dict`` from the service, plus ``optim_service``: the run's
         ``t``, epoch and scheduler state, so that ``load_state_dict`` puts the whole run back."""
         exported = self._load_pt(self._http.request("GET", f"/runs/{self.run}/state").content)
@@ -246,7 +246,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         }
         return sd
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Send a ``state_dict`` (and the local parameters, which a checkpoint loader restored) to the service."""
         sd = dict(copy.copy(state_dict))
         extra = dict(sd.pop("optim_service", None) or {})
@@ -259,7 +259,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._set_lrs(info["lr"])
 
     @staticmethod
-    def _load_pt(data: bytes) -> Any:
+    def _load_pt(data: bytes | bytearray | memoryview) -> Any:
         return torch.load(io.BytesIO(data), weights_only=True)
 
     # ------------------------------------------------------------------ averages and checkpoints

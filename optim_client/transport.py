@@ -144,7 +144,7 @@ class Transport:
         send: memoryview | list[memoryview] | None = None
         if body is not None:
             # buffers are sent as they are (sendall of each); the length is given, so nothing is chunk-encoded
-            send = [memoryview(b) for b in body] if isinstance(body, (list, tuple)) else memoryview(body)
+            send = memoryview(body) if isinstance(body, (bytes, bytearray, memoryview)) else [memoryview(b) for b in body]
             size = sum(b.nbytes for b in send) if isinstance(send, list) else send.nbytes
             headers = {"Content-Type": content_type, "Content-Length": str(size)}
         if params:

@@ -64,7 +64,7 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def parts(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list[memoryview]:
@@ -80,7 +80,7 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     not zeroed first (``torch.empty``)."""
     pieces = parts(tensors, metadata)
     size = sum(p.nbytes for p in pieces)
-    out = memoryview(torch.empty(size, dtype=torch.uint8).numpy())
+    out = torch.empty(size, dtype=torch.uint8).numpy().data
     pos = 0
     for piece in pieces:
         out[pos : pos + piece.nbytes] = piece
@@ -88,22 +88,19 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return out
 
 
-def views(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors that share memory with ``buffer`` (a safetensors file), and its metadata.
+Entry = tuple[int, int, str, torch.dtype, list[int]]  # data offsets [begin, end), name, dtype, shape
 
-    For a buffer that stays unchanged while the tensors are in use; they are to be copied, not written
-    (a ``bytes`` buffer is read-only). The header is checked as strictly as safetensors checks it: a
-    JSON object of known dtypes, non-negative integer shapes, and data offsets that fit the shape and
-    tile the data exactly, in order, with neither gap nor overlap. Any other file is a ``ValueError``.
+
+def parse_header(
+    raw: bytes | bytearray | memoryview, data_size: int, dtypes: Mapping[str, torch.dtype] = BY_NAME
+) -> tuple[list[Entry], dict[str, str]]:
+    """A safetensors header (the JSON after the 8-byte length), checked as strictly as safetensors checks
+    it against ``data_size`` bytes of data: a JSON object of known dtypes, non-negative integer shapes,
+    and data offsets that fit the shape and tile the data exactly, in order, with neither gap nor
+    overlap. Its tensors in the order of their data, and its metadata; any other header is a ``ValueError``.
     """
-    view = memoryview(buffer).cast("B")
-    if len(view) < 8:
-        raise ValueError(f"{len(view)} bytes is not a safetensors file (an 8-byte header length comes first)")
-    (header_len,) = struct.unpack_from("<Q", view, 0)
-    if header_len > len(view) - 8:
-        raise ValueError(f"the header length {header_len} runs past the end of the {len(view)}-byte body")
     try:
-        header = json.loads(bytes(view[8 : 8 + header_len]))
+        header = json.loads(bytes(raw))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"the header is not JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -111,14 +108,13 @@ def views(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tenso
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("__metadata__ must map names to strings")
-    start = 8 + header_len
-    entries = []
+    entries: list[Entry] = []
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise ValueError(f"tensor {name!r}: an entry is {{dtype, shape, data_offsets}}")
-        dtype = BY_NAME.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        dtype = dtypes.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
-            raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {sorted(BY_NAME)}")
+            raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {sorted(dtypes)}")
         shape, offsets = info["shape"], info["data_offsets"]
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
             raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
@@ -127,17 +123,32 @@ def views(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tenso
         entries.append((offsets[0], offsets[1], name, dtype, shape))
     entries.sort(key=lambda e: (e[0], e[1]))
     expected = 0
-    out: dict[str, torch.Tensor] = {}
     for begin, end, name, dtype, shape in entries:
-        numel = math.prod(shape)
-        item = torch.empty((), dtype=dtype).element_size()
-        if begin != expected or end - begin != numel * item:
+        if begin != expected or end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
             raise ValueError(f"tensor {name!r}: data_offsets [{begin}, {end}] do not follow the previous tensor or fit {shape}")
         expected = end
-        if numel == 0:
+    if expected != data_size:
+        raise ValueError(f"the tensors cover {expected} bytes of data; there are {data_size}")
+    return entries, metadata
+
+
+def views(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors that share memory with ``buffer`` (a safetensors file, checked by ``parse_header``), and
+    its metadata. For a buffer that stays unchanged while the tensors are in use; they are to be copied,
+    not written (a ``bytes`` buffer is read-only), and they may be less aligned than torch's own memory
+    (some kernels' results depend on alignment: copy before computing on them)."""
+    view = memoryview(buffer).cast("B")
+    if len(view) < 8:
+        raise ValueError(f"{len(view)} bytes is not a safetensors file (an 8-byte header length comes first)")
+    (header_len,) = struct.unpack_from("<Q", view, 0)
+    if header_len > len(view) - 8:
+        raise ValueError(f"the header length {header_len} runs past the end of the {len(view)}-byte body")
+    start = 8 + header_len
+    entries, metadata = parse_header(view[8:start], len(view) - start)
+    out: dict[str, torch.Tensor] = {}
+    for begin, end, name, dtype, shape in entries:
+        if end == begin:
             out[name] = torch.empty(shape, dtype=dtype)
         else:
-            out[name] = torch.frombuffer(view, dtype=dtype, count=numel, offset=start + begin).view(shape)
-    if start + expected != len(view):
-        raise ValueError(f"the tensors cover {expected} bytes of data; the body has {len(view) - start}")
+            out[name] = torch.frombuffer(view, dtype=dtype, count=math.prod(shape), offset=start + begin).view(shape)
     return out, metadata

@@ -311,7 +311,7 @@ class RunState:
         meta = codec.encode_tree(self._tree(), "", tensors)
         return meta, tensors
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> bytes | memoryview:
         meta, tensors = self._encoded()
         return codec.pack(meta, tensors)
 
@@ -460,8 +460,12 @@ class RunState:
         return codec.digest_matches(recorded, meta, tensors)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, device: str | torch.device | None = None) -> RunState:
-        meta, tensors = codec.unpack(data)
+    def from_bytes(cls, data: bytes | memoryview, *, device: str | torch.device | None = None) -> RunState:
+        return cls.from_parts(*codec.unpack(data), device=device)
+
+    @classmethod
+    def from_parts(cls, meta: Any, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None) -> RunState:
+        """The state from a snapshot's JSON part and tensors (``codec.unpack`` or ``codec.read``)."""
         tree = codec.decode_tree(meta, tensors)
         if not isinstance(tree, dict) or tree.get("format") != FORMAT:
             raise SnapshotError(f"not a run snapshot of format {FORMAT!r}")
@@ -498,7 +502,7 @@ class Captured:
     meta: Any
     tensors: dict[str, torch.Tensor]
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> bytes | memoryview:
         return codec.pack(self.meta, self.tensors)
 
     def digest(self) -> str:

@@ -15,11 +15,11 @@ import contextlib
 import os
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from sqlalchemy import delete, select, union
+from sqlalchemy import delete, func, select, union
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import StorageUnavailable
@@ -51,6 +51,9 @@ class BlobStore(Protocol):
 
     def get(self, session: Session, key: str) -> bytes: ...
 
+    def reader(self, session: Session, key: str) -> contextlib.AbstractContextManager[BlobReader]:
+        """The blob as a stream, read in order into the caller's memory (no whole copy of it in between)."""
+
     def delete(self, session: Session, keys: Iterable[str]) -> None:
         """Forget ``keys``; for files, only once the deleting transaction has committed (``collect``)."""
 
@@ -59,6 +62,65 @@ class BlobStore(Protocol):
 
     def collect(self, session: Session) -> int:
         """Remove what nothing references any more (run at start-up, when no write is in flight)."""
+
+
+class BlobReader(Protocol):
+    size: int
+
+    def readinto(self, out: memoryview) -> None:
+        """Fill ``out`` with the blob's next ``len(out)`` bytes (StorageUnavailable if it has fewer)."""
+
+
+def read_into(store: BlobStore, session: Session, key: str, alloc: Callable[[int], memoryview]) -> memoryview:
+    """The whole blob, read into ``alloc(size)`` (a writable buffer of at least ``size`` bytes)."""
+    with store.reader(session, key) as blob:
+        out = alloc(blob.size)[: blob.size]
+        blob.readinto(out)
+        return out
+
+
+class _ChunkReader:
+    def __init__(self, session: Session, key: str, sizes: list[tuple[int, int]]) -> None:
+        self.session, self.key, self.size = session, key, sum(n for _, n in sizes)
+        self._sizes = sizes
+        self._next = 0
+        self._chunk = memoryview(b"")
+
+    def readinto(self, out: memoryview) -> None:
+        pos = 0
+        while pos < len(out):
+            if not self._chunk:
+                if self._next == len(self._sizes):
+                    raise StorageUnavailable(f"blob {self.key} is shorter than {self.size} bytes")
+                part, n = self._sizes[self._next]
+                self._next += 1
+                data = self.session.execute(
+                    select(BlobChunk.data).where(BlobChunk.blob_key == self.key, BlobChunk.part == part)
+                ).scalar_one_or_none()
+                if data is None or len(data) != n:
+                    raise StorageUnavailable(f"blob {self.key} changed while it was read")
+                self._chunk = memoryview(data)
+            take = min(len(out) - pos, len(self._chunk))
+            out[pos : pos + take] = self._chunk[:take]
+            self._chunk = self._chunk[take:]
+            pos += take
+
+
+class _FileReader:
+    def __init__(self, f: BinaryIO, key: str) -> None:
+        self._f, self.key = f, key
+        self.size = os.fstat(f.fileno()).st_size
+
+    def readinto(self, out: memoryview) -> None:
+        pos = 0
+        try:
+            while pos < len(out):
+                n = self._f.readinto(out[pos:])
+                if not n:
+                    raise StorageUnavailable(f"blob {self.key} is shorter than {self.size} bytes")
+                pos += n
+        except OSError as exc:
+            raise StorageUnavailable(f"could not read blob {self.key}: {exc.strerror or exc}") from exc
 
 
 class DatabaseBlobStore:
@@ -95,6 +157,16 @@ class DatabaseBlobStore:
         if not parts:
             raise StorageUnavailable(f"blob {key} is missing from the database")
         return b"".join(parts)
+
+    @contextlib.contextmanager
+    def reader(self, session: Session, key: str) -> Iterator[BlobReader]:
+        # the sizes first (length() reads no blob data), then one chunk at a time
+        sizes = session.execute(
+            select(BlobChunk.part, func.length(BlobChunk.data)).where(BlobChunk.blob_key == key).order_by(BlobChunk.part)
+        ).all()
+        if not sizes:
+            raise StorageUnavailable(f"blob {key} is missing from the database")
+        yield _ChunkReader(session, key, [(part, n) for part, n in sizes])
 
     def delete(self, session: Session, keys: Iterable[str]) -> None:
         keys = list(keys)
@@ -169,6 +241,15 @@ class DirectoryBlobStore:
             return self._path(key).read_bytes()
         except OSError as exc:
             raise StorageUnavailable(f"could not read blob {key}: {exc.strerror or exc}") from exc
+
+    @contextlib.contextmanager
+    def reader(self, session: Session, key: str) -> Iterator[BlobReader]:
+        try:
+            f = open(self._path(key), "rb", buffering=0)  # closed below
+        except OSError as exc:
+            raise StorageUnavailable(f"could not read blob {key}: {exc.strerror or exc}") from exc
+        with f:
+            yield _FileReader(f, key)
 
     def delete(self, session: Session, keys: Iterable[str]) -> None:
         pass  # the files go in drop(), once the transaction that forgot them has committed

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import sys
 import threading
@@ -31,12 +32,12 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import optim_core
-from optim_core import RunSpec, RunState
+from optim_core import RunSpec, RunState, codec
 from optim_core.run_state import Captured, StepResult
 from schemas import RunCreate
 
 from . import payloads
-from .blobs import BlobStore, new_key
+from .blobs import BlobStore, new_key, read_into
 from .errors import (
     CheckpointConflict,
     CheckpointNotFound,
@@ -120,6 +121,68 @@ def _yield_to_steps() -> None:
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+def _fresh_buffer(size: int) -> memoryview:
+    """A buffer for the payloads replayed: anonymous pages of its own (huge pages where the kernel gives
+    them on request: a fresh 4 KiB page costs a fault, and a 40 MB payload is 10,000 of them)."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):
+        return memoryview(bytearray(size))
+    buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+    return memoryview(buf)[:size]
+
+
+class _LogReader:
+    """The payloads of the steps to replay, read in order by a thread of its own, ``ahead`` of the replay.
+
+    Each is read into one of ``ahead + 1`` buffers, reused: asking for the next payload gives the previous
+    one's buffer back (its gradients were copied by the step), so reading the log touches no fresh memory
+    after the first few steps and no more than ``ahead + 1`` payloads are in memory at once. Each read is a
+    short transaction of its own, so the database is not held for the whole replay.
+    """
+
+    def __init__(self, manager: RunManager, keys: list[str], ahead: int = 1) -> None:
+        self._manager = manager
+        self._keys = keys
+        self._ahead = ahead
+        self._buffers: list[memoryview | None] = [None] * (ahead + 1)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recovery")
+        self._reads = [self._pool.submit(self._read, i) for i in range(min(ahead, len(keys)))]
+        self._next = 0
+
+    def __enter__(self) -> _LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, i: int) -> memoryview:
+        slot = i % len(self._buffers)
+
+        def alloc(size: int) -> memoryview:
+            buf = self._buffers[slot]
+            if buf is None or len(buf) < size:
+                buf = self._buffers[slot] = _fresh_buffer(size)
+            return buf[:size]
+
+        with self._manager._db() as session:
+            return read_into(self._manager.blobs, session, self._keys[i], alloc)
+
+    def next(self) -> memoryview:
+        """The next payload; the one returned before is not to be used any more."""
+        i = self._next
+        if i >= len(self._keys):
+            raise RecoveryFailed("the log has more steps than payloads")
+        if i + self._ahead < len(self._keys):
+            self._reads.append(self._pool.submit(self._read, i + self._ahead))  # into payload i - 1's buffer
+        self._next += 1
+        try:
+            return self._reads[i].result()
+        except SQLAlchemyError as exc:
+            raise self._manager._storage_failed(exc, "reading the log to replay") from exc
 
 
 def spec_digest(spec: RunSpec, durability: str, snapshot_every: int) -> str:
@@ -257,7 +320,15 @@ class RunManager:
         self._live.pop((tenant, name), None)
 
     def _recover(self, tenant: str, name: str) -> Live:
-        """Newest snapshot + replay of the log after it, checked against the recorded digests."""
+        """Newest snapshot + replay of the log after it, checked against the recorded digests.
+
+        The snapshot's tensors are read straight into their own memory (no copy of the whole blob in
+        between); each logged payload is read by ``_LogReader`` into one of two reused buffers while the
+        step before it is replayed.
+        """
+        # a snapshot of this run still being written would prune the log read below (the run's lock keeps
+        # every other writer of its history out)
+        self.wait_for_snapshot(tenant, name)
         try:
             with self._db() as session:
                 row = self._row(session, tenant, name)
@@ -266,45 +337,56 @@ class RunManager:
                 ).scalar_one_or_none()
                 if snap is None:
                     raise RecoveryFailed(f"run {name!r} has no snapshot to recover from")
-                data = self.blobs.get(session, snap.blob_key)
                 events = (
                     session.execute(select(Event).where(Event.run_id == row.id, Event.seq > snap.seq).order_by(Event.seq))
                     .scalars()
                     .all()
                 )
-                payloads_by_key = {e.blob_key: self.blobs.get(session, e.blob_key) for e in events if e.blob_key}
                 last_step = session.execute(
                     select(Event.grad_digest)
                     .where(Event.run_id == row.id, Event.kind == "step")
                     .order_by(Event.seq.desc())
                     .limit(1)
                 ).scalar_one_or_none()
+                with self.blobs.reader(session, snap.blob_key) as blob:
+                    try:
+                        meta, tensors = codec.read(blob.size, blob.readinto)
+                    except optim_core.EngineError as exc:
+                        raise RecoveryFailed(f"run {name!r}: its snapshot at t={snap.t} cannot be loaded here: {exc}") from None
         except SQLAlchemyError as exc:
             raise self._storage_failed(exc, "recovering the run") from exc
-        try:
-            state = RunState.from_bytes(data, device=self.device)
-        except optim_core.EngineError as exc:
-            raise RecoveryFailed(f"run {name!r}: its snapshot at t={snap.t} cannot be loaded here: {exc}") from None
-        if not state.digest_matches(snap.digest):
-            raise RecoveryFailed(f"run {name!r}: the snapshot at t={snap.t} does not match its recorded digest")
-        seq = snap.seq
-        for ev in events:
-            if ev.seq != seq + 1:
-                raise RecoveryFailed(f"run {name!r}: the log jumps from event {seq} to {ev.seq}")
+        with _LogReader(self, [e.blob_key for e in events if e.kind == "step" and e.blob_key]) as reader:
             try:
-                if ev.kind == "step":
-                    grads, _ = payloads.decode(payloads_by_key[ev.blob_key])
-                    state.apply(grads, ev.t, loss=ev.value)
-                else:
-                    state.step_epoch(metric=ev.value)
-            except (optim_core.EngineError, optim_core.StepFailed, ServiceError) as exc:
-                raise RecoveryFailed(f"run {name!r}: replaying event {ev.seq} (t={ev.t}) failed: {exc}") from None
-            if state.checksum() != ev.checksum:
-                raise RecoveryFailed(
-                    f"run {name!r}: replaying event {ev.seq} (t={ev.t}) does not reproduce the recorded parameters; "
-                    "refusing to resume a diverged state"
-                )
-            seq = ev.seq
+                state = RunState.from_parts(meta, tensors, device=self.device)
+            except optim_core.EngineError as exc:
+                raise RecoveryFailed(f"run {name!r}: its snapshot at t={snap.t} cannot be loaded here: {exc}") from None
+            del meta, tensors
+            if not state.digest_matches(snap.digest):
+                raise RecoveryFailed(f"run {name!r}: the snapshot at t={snap.t} does not match its recorded digest")
+            seq = snap.seq
+            for ev in events:
+                if ev.seq != seq + 1:
+                    raise RecoveryFailed(f"run {name!r}: the log jumps from event {seq} to {ev.seq}")
+                if ev.kind == "step" and not ev.blob_key:
+                    raise RecoveryFailed(f"run {name!r}: event {ev.seq} (t={ev.t}) is a step without its gradient")
+                try:
+                    if ev.kind == "step":
+                        # views of the reader's buffer, which the step copies before the buffer is reused
+                        grads, _ = payloads.decode(reader.next())
+                        state.apply(grads, ev.t, loss=ev.value)
+                        del grads
+                    else:
+                        state.step_epoch(metric=ev.value)
+                except (optim_core.EngineError, optim_core.StepFailed, ServiceError) as exc:
+                    if isinstance(exc, StorageUnavailable):
+                        raise
+                    raise RecoveryFailed(f"run {name!r}: replaying event {ev.seq} (t={ev.t}) failed: {exc}") from None
+                if state.checksum() != ev.checksum:
+                    raise RecoveryFailed(
+                        f"run {name!r}: replaying event {ev.seq} (t={ev.t}) does not reproduce the recorded parameters; "
+                        "refusing to resume a diverged state"
+                    )
+                seq = ev.seq
         if row.durability == "log" and (seq != row.seq or state.t != row.t):
             raise RecoveryFailed(f"run {name!r}: the log ends at t={state.t} but the run says t={row.t}")
         log.info("recovered run %r at t=%d (snapshot t=%d + %d events)", name, state.t, snap.t, len(events))

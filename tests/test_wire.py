@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from optim_client import wire
+from optim_core import codec
+from optim_core.errors import SnapshotError
 
 from .reference import bitwise_equal
 
@@ -126,3 +129,35 @@ def test_the_reader_accepts_what_safetensors_accepts_in_any_header_order() -> No
     theirs = st_load(data)
     assert meta == {"k": "v"} and set(ours) == set(theirs) == {"w", "b"}
     assert all(bitwise_equal(ours[k], theirs[k]) for k in theirs)
+
+
+def _reader(data: bytes) -> Callable[[memoryview], None]:
+    pos = 0
+
+    def readinto(out: memoryview) -> None:
+        nonlocal pos
+        if pos + len(out) > len(data):
+            raise ValueError("read past the end")
+        out[:] = data[pos : pos + len(out)]
+        pos += len(out)
+
+    return readinto
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_the_snapshot_reader_refuses_what_safetensors_refuses(name: str) -> None:
+    data = MALFORMED[name]
+    with pytest.raises(SnapshotError):
+        codec.read(len(data), _reader(data))
+
+
+def test_the_snapshot_reader_gives_what_unpack_gives_in_memory_aligned_as_torch_allocates() -> None:
+    """Recovery reads snapshots with ``codec.read``: views at a file's offsets may be less aligned than torch's own
+    memory, and some kernels (timm's kron on AVX-512) then give other bits: every tensor gets memory of its own."""
+    tensors = {**_tensors(), "odd": torch.arange(3, dtype=torch.int8), "c": torch.ones(2, dtype=torch.complex64)}
+    data = bytes(codec.pack({"k": [1, 2]}, tensors))
+    meta, got = codec.read(len(data), _reader(data))
+    want_meta, want = codec.unpack(data)
+    assert meta == want_meta == {"k": [1, 2]} and set(got) == set(want) == set(tensors)
+    assert all(bitwise_equal(got[k], want[k]) for k in want)
+    assert all(t.data_ptr() % 64 == 0 for t in got.values() if t.numel())
