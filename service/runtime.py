@@ -250,8 +250,7 @@ class RunManager:
             state = RunState(spec, params, device=self.device)
         except optim_core.EngineError as exc:
             raise from_engine(exc) from None
-        captured = state.capture()
-        data, state_digest = captured.to_bytes(), captured.digest()
+        data, state_digest = state.to_bytes(), state.digest()
         key = new_key()
         try:
             with self._db() as session, session.begin():
@@ -640,8 +639,10 @@ class RunManager:
 
     # ------------------------------------------------------------------ checkpoints
     def create_checkpoint(self, live: Live, name: str) -> Checkpoint:
-        captured = live.state.capture()
-        data, digest = captured.to_bytes(), captured.digest()
+        # serialized here, under the run's lock, from the live state: a copy (capture) is for background writes;
+        # one serialization of the state at a time, so a snapshot in flight lands first (peak memory)
+        self.wait_for_snapshot(live.tenant, live.name)
+        data, digest = live.state.to_bytes(), live.state.digest()
         key = new_key()
         try:
             with self._db() as session, session.begin():
@@ -711,8 +712,7 @@ class RunManager:
 
     def _reset(self, live: Live, state: RunState, *, seq: int) -> Live:
         """Make ``state`` the run's whole history: one snapshot at ``seq``, no log, checkpoints kept."""
-        captured = state.capture()
-        blob, digest = captured.to_bytes(), captured.digest()
+        blob, digest = state.to_bytes(), state.digest()
         key = new_key()
         try:
             with self._db() as session, session.begin():
@@ -738,8 +738,7 @@ class RunManager:
         ckpt, state = self.checkpoint_state(live, checkpoint)
         durability = durability or live.durability
         snapshot_every = snapshot_every or live.snapshot_every
-        captured = state.capture()
-        data = captured.to_bytes()
+        data = state.to_bytes()
         key = new_key()
         try:
             with self._db() as session, session.begin():
