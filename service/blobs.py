@@ -49,8 +49,6 @@ class BlobStore(Protocol):
 
     def discard(self, sessions: sessionmaker[Session], key: str) -> None: ...
 
-    def get(self, session: Session, key: str) -> bytes: ...
-
     def reader(self, session: Session, key: str) -> contextlib.AbstractContextManager[BlobReader]:
         """The blob as a stream, read in order into the caller's memory (no whole copy of it in between)."""
 
@@ -152,12 +150,6 @@ class DatabaseBlobStore:
         with sessions() as session, session.begin():
             self.delete(session, [key])
 
-    def get(self, session: Session, key: str) -> bytes:
-        parts = session.execute(select(BlobChunk.data).where(BlobChunk.blob_key == key).order_by(BlobChunk.part)).scalars().all()
-        if not parts:
-            raise StorageUnavailable(f"blob {key} is missing from the database")
-        return b"".join(parts)
-
     @contextlib.contextmanager
     def reader(self, session: Session, key: str) -> Iterator[BlobReader]:
         # the sizes first (length() reads no blob data), then one chunk at a time
@@ -196,8 +188,9 @@ class DirectoryBlobStore:
         self._spare_total = 0
         self._spare_lock = threading.Lock()
         for path in self.spare_dir.iterdir():
-            self._spares.setdefault(path.stat().st_size, []).append(path)
-            self._spare_total += path.stat().st_size
+            size = path.stat().st_size
+            self._spares.setdefault(size, []).append(path)
+            self._spare_total += size
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -235,12 +228,6 @@ class DirectoryBlobStore:
 
     def discard(self, sessions: sessionmaker[Session], key: str) -> None:
         self.drop([key])
-
-    def get(self, session: Session, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except OSError as exc:
-            raise StorageUnavailable(f"could not read blob {key}: {exc.strerror or exc}") from exc
 
     @contextlib.contextmanager
     def reader(self, session: Session, key: str) -> Iterator[BlobReader]:

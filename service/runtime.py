@@ -347,11 +347,7 @@ class RunManager:
                     .order_by(Event.seq.desc())
                     .limit(1)
                 ).scalar_one_or_none()
-                with self.blobs.reader(session, snap.blob_key) as blob:
-                    try:
-                        meta, tensors = codec.read(blob.size, blob.readinto)
-                    except optim_core.EngineError as exc:
-                        raise RecoveryFailed(f"run {name!r}: its snapshot at t={snap.t} cannot be loaded here: {exc}") from None
+                meta, tensors = self._read_state(session, snap.blob_key, f"run {name!r}: its snapshot at t={snap.t}")
         except SQLAlchemyError as exc:
             raise self._storage_failed(exc, "recovering the run") from exc
         with _LogReader(self, [e.blob_key for e in events if e.kind == "step" and e.blob_key]) as reader:
@@ -681,11 +677,20 @@ class RunManager:
     def checkpoint_state(self, live: Live, name: str) -> tuple[Checkpoint, RunState]:
         with self._db() as session:
             ckpt = self._checkpoint(session, live, name)
-            data = self.blobs.get(session, ckpt.blob_key)
+            meta, tensors = self._read_state(session, ckpt.blob_key, f"checkpoint {name!r}")
         try:
-            return ckpt, RunState.from_bytes(data, device=self.device)
+            return ckpt, RunState.from_parts(meta, tensors, device=self.device)
         except optim_core.EngineError as exc:
             raise RecoveryFailed(f"checkpoint {name!r} cannot be loaded here: {exc}") from None
+
+    def _read_state(self, session: Session, key: str, what: str) -> tuple[Any, dict[str, torch.Tensor]]:
+        """A state's blob (snapshot or checkpoint), streamed into tensors of its own (``codec.read``): no copy of
+        the whole blob in between, and memory aligned as torch allocates it."""
+        with self.blobs.reader(session, key) as blob:
+            try:
+                return codec.read(blob.size, blob.readinto)
+            except optim_core.EngineError as exc:
+                raise RecoveryFailed(f"{what} cannot be loaded here: {exc}") from None
 
     def delete_checkpoint(self, live: Live, name: str) -> None:
         with self._db() as session, session.begin():
