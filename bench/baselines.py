@@ -240,7 +240,7 @@ def _sizes(numel_millions: int, tensors: int) -> list[int]:
 
 
 def make_params(numel_millions: int, tensors: int = 100) -> list[torch.nn.Parameter]:
-    """1-D float32 parameters totalling ``numel_millions * 1e6``, ``randn * 0.02`` from seed 0 (as step_latency.py)."""
+    """1-D float32 parameters totalling ``numel_millions * 1e6``, ``randn * 0.02`` from seed 0 (bench/run.py's too)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -248,7 +248,7 @@ def make_params(numel_millions: int, tensors: int = 100) -> list[torch.nn.Parame
 
 
 def make_grads(numel_millions: int, tensors: int = 100) -> list[torch.Tensor]:
-    """The gradients, ``randn`` from seed 1, one per parameter (as step_latency.py); the same ones every step."""
+    """The gradients, ``randn`` from seed 1, one per parameter (bench/run.py's too); the same ones every step."""
     import torch
 
     g = torch.Generator().manual_seed(1)

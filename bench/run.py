@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import baselines  # noqa: E402
+from baselines import make_grads, make_params  # noqa: E402
 from echo import http_echo  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -60,17 +61,6 @@ def stats(times: list[float]) -> dict[str, float]:
 
 def fmt(s: dict[str, float]) -> str:
     return f"{s['median_ms']:.1f} ({s['min_ms']:.1f}–{s['max_ms']:.1f})"
-
-
-def make_params(millions: float, tensors: int = 100, seed: int = 0) -> list[torch.nn.Parameter]:
-    n = int(millions * 1_000_000) // tensors
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(n, generator=g) * 0.02) for _ in range(tensors)]
-
-
-def make_grads(ps: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(p.shape, generator=g) * 1e-3 for p in ps]
 
 
 def timed(
@@ -208,7 +198,7 @@ def section_step(args: argparse.Namespace) -> None:
     for millions in args.sizes:
         repeats = args.repeats if millions < 50 else max(3, args.repeats // 2)
         ps = make_params(millions)
-        grads = make_grads(ps)
+        grads = make_grads(millions)
         base = {}
         for impl in ("default", "fused"):
             local = [p.detach().to(DEVICE, copy=True).requires_grad_() for p in ps]
@@ -267,7 +257,7 @@ def section_optimizers(args: argparse.Namespace) -> None:
     rows = []
     millions = 10
     ps = make_params(millions)
-    grads = make_grads(ps)
+    grads = make_grads(millions)
     for name in ("sgd", "lamb", "adafactor", "lion"):
         local = [p.detach().to(DEVICE, copy=True).requires_grad_() for p in ps]
         base = stats(timed(in_process(name, "default", local).step, local, [g.to(DEVICE) for g in grads], args.repeats))
@@ -369,10 +359,10 @@ def section_rpc(args: argparse.Namespace) -> None:
     )
 
 
-def _sustained_worker(url: str, millions: float, seconds: float, seed: int, out: Any) -> None:
+def _sustained_worker(url: str, millions: int, seconds: float, out: Any) -> None:
     torch.set_num_threads(1)
-    ps = make_params(millions, seed=seed)
-    grads = make_grads(ps)
+    ps = make_params(millions)
+    grads = make_grads(millions)
     opt = remote(url, ps, "torch.AdamW", "default", durability="log", snapshot_every=100)
     for p, g in zip(ps, grads, strict=True):
         p.grad = g
@@ -393,7 +383,7 @@ def section_sustained(args: argparse.Namespace) -> None:
     for runs in (1, 8):
         with service("sqlite", args.store) as srv:
             queue = ctx.Queue()
-            procs = [ctx.Process(target=_sustained_worker, args=(srv.base, 1, args.seconds, i, queue)) for i in range(runs)]
+            procs = [ctx.Process(target=_sustained_worker, args=(srv.base, 1, args.seconds, queue)) for _ in range(runs)]
             for p in procs:
                 p.start()
             rates = [queue.get(timeout=600) for _ in procs]
@@ -413,7 +403,7 @@ def section_snapshot(args: argparse.Namespace) -> None:
     rows = []
     millions = 10
     ps = make_params(millions)
-    grads = make_grads(ps)
+    grads = make_grads(millions)
     with service("sqlite", args.store) as srv:
         quiet = remote(srv.base, ps, "torch.AdamW", "default", durability="log", snapshot_every=1_000_000)
         quiet_times, _ = remote_steps(quiet, ps, grads, args.repeats * 2)
@@ -448,7 +438,7 @@ def section_recovery(args: argparse.Namespace) -> None:
     rows = []
     for millions in args.recovery_sizes:
         ps = make_params(millions)
-        grads = make_grads(ps)
+        grads = make_grads(millions)
         with service("sqlite", args.store) as srv:
             logged = 10
             run = f"recovery-{millions}"
@@ -523,7 +513,7 @@ def section_memory(args: argparse.Namespace) -> None:
     rows = []
     for millions in args.memory_sizes:
         ps = make_params(millions)
-        grads = make_grads(ps)
+        grads = make_grads(millions)
         with service("sqlite", args.store) as srv:
             assert srv.proc is not None
             idle = _rss(srv.proc.pid, "VmRSS")

@@ -7,10 +7,11 @@ copies every tensor out of the buffer. A training loop sends the same shapes eve
 - ``parts`` gives the header and each tensor's own memory, to be sent one after the other (no copy);
   ``encode`` writes them once into one new buffer (the service's answers, built under the run's lock);
 - ``views`` gives tensors that *are* slices of a received buffer (``torch.frombuffer``), for a
-  caller that copies them into place at once (the client writing the parameters).
+  caller that copies them into place at once (the client writing the parameters, the service
+  decoding gradients); ``parse_header`` checks a header as strictly as safetensors does.
 
-The files are ordinary safetensors files (``safetensors.torch.load`` reads them; tested). The
-service decodes what clients send with the safetensors library itself, which validates the header.
+The files are ordinary safetensors files (``safetensors.torch.load`` reads them, and refuses what
+``parse_header`` refuses; tested). The engine writes its snapshots with ``encode`` too.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     return header, offset
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (any dtype, any shape), without a copy when it is contiguous on CPU."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
@@ -72,7 +74,7 @@ def parts(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | Non
     (CPU tensors are not copied). Sent one after the other, they are the file; valid while the tensors
     are unchanged."""
     header, _ = _header(tensors, metadata)
-    return [memoryview(struct.pack("<Q", len(header)) + header), *(_bytes_of(t) for t in tensors.values())]
+    return [memoryview(struct.pack("<Q", len(header)) + header), *(tensor_bytes(t) for t in tensors.values())]
 
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> memoryview:

@@ -131,7 +131,7 @@ def pack(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes 
     The library writes what the wire does not know (complex dtypes)."""
     metadata = {"optim": json.dumps(meta, sort_keys=True, allow_nan=False)}
     if all(t.dtype in wire.DTYPES for t in tensors.values()):
-        return wire.encode({k: _cpu_contiguous(t) for k, t in tensors.items()}, metadata)
+        return wire.encode(tensors, metadata)
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -193,12 +193,6 @@ def read(size: int, readinto: Callable[[memoryview], None]) -> tuple[dict[str, A
     return meta, tensors
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a tensor (any dtype, any shape), without a copy when it is contiguous on CPU."""
-    flat = _cpu_contiguous(t).reshape(-1)
-    return flat.view(torch.uint8).numpy().data
-
-
 def digest(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], algorithm: str = "xxh3") -> str:
     """A hash of the whole state: canonical JSON, then every tensor's name, dtype, shape and bytes.
 
@@ -211,7 +205,7 @@ def digest(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], algorit
     for key in sorted(tensors):
         t = tensors[key]
         h.update(f"\0{key}\0{dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
-        h.update(tensor_bytes(t))
+        h.update(wire.tensor_bytes(t))
     return f"xxh3:{h.hexdigest()}" if algorithm == "xxh3" else str(h.hexdigest())
 
 
