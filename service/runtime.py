@@ -53,6 +53,7 @@ from .errors import (
 )
 from .models import Checkpoint, Event, Run, Snapshot
 from .settings import Settings
+from .stepper import Stepper
 
 log = logging.getLogger("optim_service")
 
@@ -185,6 +186,12 @@ class _LogReader:
             raise self._manager._storage_failed(exc, "reading the log to replay") from exc
 
 
+def _replay_step(state: RunState, grads: dict[str, torch.Tensor], t: int, loss: float | None) -> str:
+    """A logged step applied again (on a stepper thread); the parameters' checksum after it."""
+    state.apply(grads, t, loss=loss)
+    return state.checksum()
+
+
 def spec_digest(spec: RunSpec, durability: str, snapshot_every: int) -> str:
     canonical = json.dumps({"spec": spec.to_dict(), "durability": durability, "snapshot_every": snapshot_every}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -196,6 +203,7 @@ class RunManager:
         self.sessions = sessions
         self.blobs = blobs
         self.device = optim_core.pick_device(settings.device)
+        self.stepper = Stepper(settings.steppers, settings.step_threads)
         self._live: dict[tuple[str, str], Live] = {}
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot", initializer=_yield_to_steps)
         # log writes run beside the optimizer step they record (see LogWrite)
@@ -206,6 +214,7 @@ class RunManager:
     def close(self) -> None:
         self._snapshots.shutdown(wait=True)
         self._log_writers.shutdown(wait=True)
+        self.stepper.close()
 
     # ------------------------------------------------------------------ database helpers
     def _db(self) -> Session:
@@ -368,15 +377,16 @@ class RunManager:
                     if ev.kind == "step":
                         # views of the reader's buffer, which the step copies before the buffer is reused
                         grads, _ = payloads.decode(reader.next())
-                        state.apply(grads, ev.t, loss=ev.value)
+                        checksum = self.stepper.run(_replay_step, state, grads, ev.t, ev.value)
                         del grads
                     else:
                         state.step_epoch(metric=ev.value)
+                        checksum = state.checksum()
                 except (optim_core.EngineError, optim_core.StepFailed, ServiceError) as exc:
                     if isinstance(exc, StorageUnavailable):
                         raise
                     raise RecoveryFailed(f"run {name!r}: replaying event {ev.seq} (t={ev.t}) failed: {exc}") from None
-                if state.checksum() != ev.checksum:
+                if checksum != ev.checksum:
                     raise RecoveryFailed(
                         f"run {name!r}: replaying event {ev.seq} (t={ev.t}) does not reproduce the recorded parameters; "
                         "refusing to resume a diverged state"
@@ -401,13 +411,23 @@ class RunManager:
 
     # ------------------------------------------------------------------ the hot path
     def step(
-        self, live: Live, *, t: int, payload: bytes, content_type: str, loss: float | None, clock: Clock | None = None
+        self,
+        live: Live,
+        *,
+        t: int,
+        payload: bytes | memoryview,
+        content_type: str,
+        loss: float | None,
+        digest: str | None = None,
+        clock: Clock | None = None,
     ) -> StepOutcome:
+        """Apply a step's payload. ``digest``, when given, is ``payloads.digest(payload)`` of a binary payload,
+        computed as it arrived (a JSON payload's digest is that of its safetensors encoding)."""
         state = live.state
         clock = clock or Clock()
         if content_type == "json":
             try:
-                body = json.loads(payload)
+                body = json.loads(bytes(payload))  # a JSON body is read as bytes: no copy
             except (ValueError, RecursionError) as exc:
                 raise InvalidPayload(f"the body is not JSON: {exc}") from None
             if not isinstance(body, dict) or "grads" not in body:
@@ -416,9 +436,10 @@ class RunManager:
                 loss = body["loss"]
             grads = payloads.from_json_lists(body["grads"], state.params(), "grads")
             payload = payloads.encode(grads)
+            digest = None
         else:
             grads, _ = payloads.decode(payload)
-        gdigest = payloads.digest(payload)
+        gdigest = digest or payloads.digest(payload)
         clock.lap("decode")
         if t == state.t - 1 and live.last_step_digest is not None:
             if gdigest == live.last_step_digest:
@@ -439,7 +460,7 @@ class RunManager:
         # is given (those are decoded copies), so both proceed at once and the answer waits for both
         writer = self._begin_log(live, payload)
         try:
-            result = state.apply(grads, t, loss=loss)
+            result = self.stepper.run(state.apply, grads, t, loss=loss)
         except optim_core.StepFailed as exc:
             self._abort_log(writer)
             self.evict(live.tenant, live.name)  # reloaded from the durable state on the next request
@@ -508,7 +529,7 @@ class RunManager:
                 "t": t,
                 "value": value,
                 "grad_digest": grad_digest,
-                "checksum": state.checksum(),
+                "checksum": self.stepper.run(state.checksum),
                 "blob_key": writer.key,
             }
             writer.event.set_result({"event": event, "run": {"t": state.t, "epoch": state.epoch, "seq": live.seq + 1}})

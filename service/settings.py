@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     )
     max_tensors: int = Field(default=100_000, ge=1, description="Most parameter tensors a run may have.")
     device: str | None = Field(default=None, description="Torch device to step on; default CUDA when present, else CPU.")
+    steppers: int = Field(
+        default=1, ge=1, le=256, description="Threads the optimizer steps run on (each with a team of OPTIM_STEP_THREADS)."
+    )
+    step_threads: int = Field(
+        default=0, ge=0, le=4096, description="OpenMP threads of each stepper; 0: every core the process may run on."
+    )
     tune_allocator: bool = Field(
         default=True, description="Keep large blocks in glibc's heap (mallopt) so each step reuses warm memory."
     )
