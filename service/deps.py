@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
+import torch
 from fastapi import Depends, Path, Request
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -13,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from schemas.runs import RUN_NAME_PATTERN
 
 from .auth import LOCAL_TENANT, tenant_for
-from .errors import PayloadTooLarge, StorageUnavailable, Unauthorized
+from .errors import Invalid, PayloadTooLarge, StorageUnavailable, Unauthorized
+from .payloads import Hasher
 from .runtime import Live, RunManager
 from .settings import Settings
 
@@ -70,19 +72,39 @@ async def on_run(request: Request, tenant: str, name: str, fn: Callable[..., T],
         return await run_in_threadpool(fn, live, *args, **kwargs)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` (before it is all read)."""
+async def read_body(request: Request, limit: int, hasher: Hasher | None = None) -> bytes | memoryview:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (before it is all read).
+
+    A binary body of declared length is copied, chunk by chunk as it arrives, into memory torch allocated
+    (aligned, not zeroed): its one copy happens while the rest is still on its way, and tensors viewing
+    it are as aligned as torch's own. ``hasher`` is updated with each chunk (the step's digest, also
+    computed while the body arrives).
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} (OPTIM_MAX_BODY_BYTES)")
-    # the chunks are kept and joined once: one copy of the body (a growing bytearray copies it again and again)
+    if declared is not None and declared.isdigit() and content_kind(request) != "json":
+        size = int(declared)
+        out = torch.empty(size, dtype=torch.uint8).numpy().data if size else memoryview(bytearray())
+        pos = 0
+        async for chunk in request.stream():
+            if pos + len(chunk) > size:  # the HTTP parser frames the body by its length; this cannot happen
+                raise Invalid(f"the body is longer than its Content-Length of {size} bytes")
+            out[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
+        return out[:pos]
+    # chunked: the chunks are kept and joined once (a growing bytearray copies it again and again)
     chunks: list[bytes] = []
-    size = 0
+    total = 0
     async for chunk in request.stream():
         chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
+        total += len(chunk)
+        if total > limit:
             raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes (OPTIM_MAX_BODY_BYTES)")
+        if hasher is not None:
+            hasher.update(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

@@ -12,9 +12,12 @@ from optim_client import wire
 
 from .errors import Invalid, InvalidPayload
 
+Hasher = xxhash.xxh3_128
+
 
 def digest(payload: bytes | memoryview) -> str:
-    """The gradient's identity for exactly-once: a fast 128-bit hash of the bytes as received."""
+    """The gradient's identity for exactly-once: a fast 128-bit hash of the bytes as received (the same as a
+    ``Hasher`` updated with them piece by piece)."""
     return xxhash.xxh3_128_hexdigest(payload)
 
 

@@ -49,11 +49,11 @@ def tensors_response(tensors: dict[str, Any] | None, what: str, headers: dict[st
     return Response(payloads.encode(tensors, headers), media_type=SAFETENSORS, headers=headers)
 
 
-async def _create_body(request: Request, limit: int) -> tuple[RunCreate, dict[str, Any] | None, bytes | None]:
+async def _create_body(request: Request, limit: int) -> tuple[RunCreate, dict[str, Any] | None, bytes | memoryview | None]:
     body = await read_body(request, limit)
     try:
         if content_kind(request) == "json":
-            create = RunCreate.model_validate_json(body)
+            create = RunCreate.model_validate_json(bytes(body))  # a JSON body is read as bytes: no copy
             return create, create.params, None
         _, metadata = payloads.decode(body)
         if "run" not in metadata:
@@ -69,7 +69,7 @@ def torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def load_torch(data: bytes) -> Any:
+def load_torch(data: bytes | memoryview) -> Any:
     """A client's .pt: weights_only, so nothing in it is unpickled as code."""
     try:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
@@ -153,14 +153,17 @@ async def step(
     returns: Annotated[Literal["params", "none", "json"], Query(alias="return")] = "params",
 ) -> Response:
     clock = Clock()
-    body = await read_body(request, settings.max_body_bytes)
+    hasher = payloads.Hasher()  # the gradient's digest, computed while it arrives
+    body = await read_body(request, settings.max_body_bytes, hasher)
     clock.lap("receive")
     manager: RunManager = request.app.state.manager
 
     # the answer is built under the run's lock: the parameters are views of the live ones, which the next step changes
     def work(live: Live) -> Response:
         clock.lap("wait")  # for the run's lock (another request on the run) and a worker thread
-        outcome = manager.step(live, t=t, payload=body, content_type=content_kind(request), loss=loss, clock=clock)
+        outcome = manager.step(
+            live, t=t, payload=body, digest=hasher.hexdigest(), content_type=content_kind(request), loss=loss, clock=clock
+        )
         headers = _step_headers(outcome)
         if returns == "none":
             response = Response(status_code=200, headers=headers)
