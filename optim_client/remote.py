@@ -14,9 +14,12 @@ service's parameters are loaded into the local ones and ``t`` is where the run i
 from __future__ import annotations
 
 import copy
+import http.client
 import io
 import json
 import logging
+import math
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -25,7 +28,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from . import wire
-from .transport import OptimServiceError, Transport, default_url
+from .transport import OptimServiceError, Transport, default_url, read_exactly
 
 log = logging.getLogger("optim_client")
 
@@ -117,8 +120,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.wire_dtype = wire_dtype
         self._by_name = dict(named)
         self._http = Transport(url or default_url(), token=token, retry_deadline=retry_deadline)
-        # the step's answer is read into this buffer, reused while the size stays the same: no fresh memory per step
+        # the step's answer is read into the parameters; a buffer (reused) only for those it cannot go into directly
         self._answer = bytearray()
+        self._partial = False  # a step's answer was cut off while it was written into the parameters
+        self._write_ms = 0.0
         param_groups = dict(groups or {})
         if explicit is not None:
             # the groups as given, like torch.optim.X([{"params": ...}, ...]): no bias/norm split
@@ -188,8 +193,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         body = wire.parts(grads)  # the header, then each gradient's own memory: sent without a copy
         sent = time.perf_counter()
+        if self._partial:
+            log.warning(
+                "the answer to step t=%d was cut off while it was written into the parameters; resyncing to the run "
+                "(this step's gradient, computed on those parameters, is not sent)",
+                self.t,
+            )
+            self.resync()
+            return loss
         r = self._http.request(
-            "POST", f"/runs/{self.run}/step", body=body, params=params, passthrough=(409,), into=self._answer_buffer
+            "POST", f"/runs/{self.run}/step", body=body, params=params, passthrough=(409,), sink=self._receive_params
         )
         answered = time.perf_counter()
         if r.status_code == 409:
@@ -199,26 +212,67 @@ class RemoteOptimizer(torch.optim.Optimizer):
             log.warning("step t=%d refused (%s); resyncing to the run at t=%d", self.t, body["detail"], body["current_t"])
             self.resync()
             return loss
-        self._write_params(wire.views(r.content)[0])  # views of the answer buffer, copied into place at once
         self.t = int(r.headers["Optim-T"])
         self._set_lrs(json.loads(r.headers["Optim-LR"]))
         self.last_timings = {
             "encode": (sent - start) * 1e3,
             "round_trip": (answered - sent) * 1e3,
-            "write": (time.perf_counter() - answered) * 1e3,
+            "write": self._write_ms,
             "server": _server_timing(r.headers.get("Server-Timing", "")),
         }
         return loss
 
-    def _answer_buffer(self, size: int) -> bytearray:
-        if len(self._answer) != size:
-            self._answer = bytearray(size)
-        return self._answer
+    def _receive_params(self, r: http.client.HTTPResponse) -> None:
+        """Read a step's answer (safetensors) straight into the parameters: a CPU parameter of the answer's dtype
+        gets its bytes from the socket, with no copy in between; any other goes through a reused buffer.
+
+        The header is checked first (names, shapes). A read that fails part way leaves parameters half
+        written: the transport retries the step, whose answer (the step is applied once, then replayed)
+        writes them all again; if the retries give up, ``_partial`` stays set and the next step resyncs.
+        """
+        length = r.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise OptimServiceError(200, "BadAnswer", "the step's answer has no Content-Length")
+        size = int(length)
+        head = memoryview(bytearray(8))
+        read_exactly(r, head)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise OptimServiceError(200, "BadAnswer", f"the step's answer has a header of {header_len} bytes in {size}")
+        header = memoryview(bytearray(header_len))
+        read_exactly(r, header)
+        try:
+            entries, _ = wire.parse_header(header, size - 8 - header_len)
+        except ValueError as exc:
+            raise OptimServiceError(200, "BadAnswer", f"the step's answer is not a safetensors file: {exc}") from None
+        for _, _, name, _, shape in entries:
+            p = self._by_name.get(name)
+            if p is None or list(p.shape) != shape:
+                raise OptimServiceError(200, "BadAnswer", f"the step's answer has {name!r} {shape}, not a parameter of this run")
+        self._write_ms = 0.0  # the copies of what could not be read into place (the reads are the round trip's)
+        self._partial = True
+        with torch.no_grad():
+            for begin, end, name, dtype, shape in entries:
+                p = self._by_name[name]
+                if p.device.type == "cpu" and p.dtype == dtype and p.is_contiguous():
+                    read_exactly(r, wire.tensor_bytes(p))
+                    torch.autograd.graph.increment_version(p)  # as an in-place write does
+                else:
+                    if len(self._answer) < end - begin:
+                        self._answer = bytearray(end - begin)
+                    view = memoryview(self._answer)[: end - begin]
+                    read_exactly(r, view)
+                    start = time.perf_counter()
+                    p.copy_(torch.frombuffer(view, dtype=dtype, count=math.prod(shape)).view(shape))
+                    self._write_ms += (time.perf_counter() - start) * 1e3
+        r.read()  # the end of the message: the connection can carry the next request
+        self._partial = False
 
     def resync(self) -> None:
         """Load the service's current parameters into the local ones, and its t and LRs."""
         r = self._http.request("GET", f"/runs/{self.run}/params")
         self._write_params(st_load(bytes(r.content)))
+        self._partial = False
         self.t = int(r.headers["Optim-T"])
         self._set_lrs(json.loads(r.headers["Optim-LR"]))
 

@@ -109,7 +109,7 @@ class Transport:
                     content: bytes | bytearray | memoryview = b""
                 else:
                     content = _read(r, into if r.status == 200 else None)
-            except TransportError:
+            except BaseException:  # the rest of the answer is unread: the connection cannot carry another request
                 self.close()
                 raise
             if r.will_close:
@@ -177,14 +177,19 @@ def _read(r: http.client.HTTPResponse, into: Callable[[int], bytearray] | None) 
         return r.read()
     n = int(length)
     view = memoryview(into(n))[:n]
-    got = 0
+    read_exactly(r, view)
+    r.read()  # the end of the message: the connection can carry the next request
+    return view
+
+
+def read_exactly(r: http.client.HTTPResponse, view: memoryview) -> None:
+    """Fill ``view`` from the answer's body (``IncompleteRead`` if it ends first)."""
+    got, n = 0, view.nbytes
     while got < n:
         k = r.readinto(view[got:])
         if not k:
             raise http.client.IncompleteRead(bytes(view[:got]), n - got)
         got += k
-    r.read()  # the end of the message: the connection can carry the next request
-    return view
 
 
 def _error(response: Response) -> OptimServiceError:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -288,3 +291,91 @@ def test_client_needs_no_server_dependencies() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "RemoteOptimizer", out.stderr
+
+
+class CuttingRelay:
+    """A TCP relay to the server (on loopback) that closes its connection once the server has sent ``cut_at``
+    bytes through it in all: an answer lost part way, as a dropped connection loses it."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sent = 0  # bytes the server has sent through the relay
+        self.cut_at: int | None = None
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if answers and self.cut_at is not None and self.sent + len(data) >= self.cut_at:
+                    dst.sendall(data[: self.cut_at - self.sent])
+                    self.sent, self.cut_at = self.cut_at, None
+                    break
+                dst.sendall(data)
+                if answers:
+                    self.sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _one_step(model: nn.Module, opt: torch.optim.Optimizer, k: int) -> None:
+    x, y = _data(k)
+    opt.zero_grad()
+    nn.functional.mse_loss(_forward(model, x), y).backward()
+    opt.step()
+
+
+def test_an_answer_cut_off_inside_the_parameters(server: Server) -> None:
+    """The answer is read straight into the parameters, so a connection lost part way leaves them half written:
+    the retried step's answer (a replay) writes them all; if the client gives up, its next step resyncs."""
+    relay = CuttingRelay(server.port)
+    local, remote_model = make_model(13), make_model(13)
+    local_opt = timm.optim.create_optimizer_v2(local, opt="adamw", lr=0.01)
+    opt = RemoteOptimizer(remote_model.named_parameters(), url=f"http://127.0.0.1:{relay.port}", run=_run(), lr=0.01)
+    before = relay.sent
+    _one_step(remote_model, opt, 0)
+    answer = relay.sent - before  # each step's answer is this long, give or take a few header bytes
+    assert answer > 1000
+
+    relay.cut_at = relay.sent + answer - 200  # inside the last parameter's bytes
+    _one_step(remote_model, opt, 1)  # retried on a new connection: the service replays its answer
+    assert relay.cut_at is None and opt.t == 2
+    for k in range(2):
+        _one_step(local, local_opt, k)
+    assert all(bitwise_equal(a, b) for a, b in zip(local.parameters(), remote_model.parameters(), strict=True))
+
+    opt._http.retry_deadline = 0  # a client that gives up at once
+    relay.cut_at = relay.sent + answer - 200
+    with pytest.raises((OSError, http.client.HTTPException)):
+        _one_step(remote_model, opt, 2)
+    _one_step(local, local_opt, 2)  # the service applied that step
+    written = [bitwise_equal(a, b) for a, b in zip(local.parameters(), remote_model.parameters(), strict=True)]
+    assert any(written) and not all(written)  # the parameters before the cut got the new values, the last did not
+    _one_step(remote_model, opt, 3)  # resyncs instead of sending a gradient of half-written parameters
+    assert opt.t == 3
+    assert all(bitwise_equal(a, b) for a, b in zip(local.parameters(), remote_model.parameters(), strict=True))
+    for k in range(3, 5):
+        _one_step(remote_model, opt, k)
+        _one_step(local, local_opt, k)
+    assert opt.t == 5
+    assert all(bitwise_equal(a, b) for a, b in zip(local.parameters(), remote_model.parameters(), strict=True))
+    opt.close()
+    relay.close()
