@@ -6,10 +6,10 @@ OpenMP thread per core) each worker thread grows a team, and the idle teams spin
 step, the event loop and the log writer need. Measured on 2 vCPUs, AdamW over 10M parameters
 (``bench/``): 17 ms in a process's main thread, 102 ms in a pool thread with the default wait policy,
 84 ms with ``OMP_WAIT_POLICY=PASSIVE`` (every one of the step's ~1000 parallel regions then wakes its
-threads through the kernel), 21 ms with one OpenMP thread. The service therefore runs each step on
-one thread (many runs still step in parallel, one per worker thread), unless ``OMP_NUM_THREADS`` is
-set in the environment: on a host with many cores and few large CPU runs, raise it. This is set
-here, before torch is imported: libgomp reads it once, when it loads.
+threads through the kernel), 21 ms with one OpenMP thread. Every thread therefore gets one OpenMP
+thread, unless ``OMP_NUM_THREADS`` is set in the environment, except the steppers (``service.stepper``),
+which step with a team of every core. This is set here, before torch is imported: libgomp reads it
+once, when it loads.
 """
 
 import os
