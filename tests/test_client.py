@@ -322,9 +322,9 @@ class CuttingRelay:
                     dst.sendall(data[: self.cut_at - self.sent])
                     self.sent, self.cut_at = self.cut_at, None
                     break
-                dst.sendall(data)
-                if answers:
+                if answers:  # counted before it is passed on: once the client has read it, it is in `sent`
                     self.sent += len(data)
+                dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):
