@@ -311,9 +311,13 @@ class RunState:
         meta = codec.encode_tree(self._tree(), "", tensors)
         return meta, tensors
 
-    def to_bytes(self) -> bytes | memoryview:
-        meta, tensors = self._encoded()
-        return codec.pack(meta, tensors)
+    def to_bytes(self) -> bytes:
+        return codec.pack(*self._encoded())
+
+    def parts(self) -> list[memoryview]:
+        """The snapshot file of the state as buffers, most of them the live tensors' own memory
+        (``codec.pack_parts``): to be written before the state changes (under the run's lock)."""
+        return codec.pack_parts(*self._encoded())
 
     def capture(self) -> Captured:
         """A copy of the whole state, cheap enough for the step's path (a memcpy); serialize it later."""
@@ -502,8 +506,9 @@ class Captured:
     meta: Any
     tensors: dict[str, torch.Tensor]
 
-    def to_bytes(self) -> bytes | memoryview:
-        return codec.pack(self.meta, self.tensors)
+    def parts(self) -> list[memoryview]:
+        """The snapshot file of the copy, as buffers of its own memory (``codec.pack_parts``)."""
+        return codec.pack_parts(self.meta, self.tensors)
 
     def digest(self) -> str:
         return codec.digest(self.meta, self.tensors)

@@ -15,15 +15,19 @@ import contextlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from sqlalchemy import delete, func, select, union
+from sqlalchemy import delete, func, insert, select, union
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import StorageUnavailable
 from .models import BlobChunk, Checkpoint, Event, Snapshot
+
+# a blob is written from a sequence of buffers (a snapshot's header and each tensor's own memory, or one payload):
+# never joined into one copy first
+Parts = Sequence[bytes | memoryview]
 
 
 def new_key() -> str:
@@ -40,9 +44,10 @@ def referenced_keys(session: Session) -> set[str]:
 
 
 class BlobStore(Protocol):
-    def put(self, session: Session, key: str, data: bytes | memoryview) -> None: ...
+    def put(self, session: Session, key: str, parts: Parts) -> int:
+        """Store the blob that is ``parts`` one after the other, in the caller's transaction; its size."""
 
-    def put_staged(self, sessions: sessionmaker[Session], key: str, data: bytes | memoryview) -> None:
+    def put_staged(self, sessions: sessionmaker[Session], key: str, parts: Parts) -> int:
         """Store a blob ahead of the transaction that will reference it, in short transactions of its own, so
         that a large background write (a snapshot) never holds the database's write lock for long. Until a row
         references it, the blob is garbage to ``collect``; ``discard`` removes it when it will not be."""
@@ -125,26 +130,53 @@ class DatabaseBlobStore:
     def __init__(self, chunk_bytes: int) -> None:
         self.chunk_bytes = chunk_bytes
 
-    def put(self, session: Session, key: str, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        n = max(1, -(-len(view) // self.chunk_bytes))
-        session.add_all(
-            BlobChunk(blob_key=key, part=i, data=bytes(view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes])) for i in range(n)
-        )
-        session.flush()
+    def _rows(self, parts: Parts) -> Iterator[memoryview]:
+        """The blob's bytes as rows of at most ``chunk_bytes``: a row that lies inside one part is a slice of it
+        (no copy), the rest is gathered into one buffer, reused: a row is valid until the next is asked for."""
+        size = self.chunk_bytes
+        scratch: memoryview | None = None
+        fill = rows = 0
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view:
+                if fill == 0 and len(view) >= size:
+                    rows += 1
+                    yield view[:size]
+                    view = view[size:]
+                    continue
+                if scratch is None:
+                    scratch = memoryview(bytearray(size))
+                take = min(size - fill, len(view))
+                scratch[fill : fill + take] = view[:take]
+                fill, view = fill + take, view[take:]
+                if fill == size:
+                    rows += 1
+                    yield scratch
+                    fill = 0
+        if fill or not rows:  # an empty blob is one empty row
+            yield scratch[:fill] if scratch is not None else memoryview(b"")
 
-    def put_staged(self, sessions: sessionmaker[Session], key: str, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        n = max(1, -(-len(view) // self.chunk_bytes))
+    def put(self, session: Session, key: str, parts: Parts) -> int:
+        size = 0
+        for i, row in enumerate(self._rows(parts)):
+            session.execute(
+                insert(BlobChunk), [{"blob_key": key, "part": i, "data": row}]
+            )  # sent now: the row's buffer is reused
+            size += len(row)
+        return size
+
+    def put_staged(self, sessions: sessionmaker[Session], key: str, parts: Parts) -> int:
+        size = 0
         try:
-            for i in range(n):
+            for i, row in enumerate(self._rows(parts)):
                 with sessions() as session, session.begin():
-                    chunk = bytes(view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes])
-                    session.add(BlobChunk(blob_key=key, part=i, data=chunk))
+                    session.execute(insert(BlobChunk), [{"blob_key": key, "part": i, "data": row}])
+                size += len(row)
         except Exception:
             with contextlib.suppress(Exception):
                 self.discard(sessions, key)
             raise
+        return size
 
     def discard(self, sessions: sessionmaker[Session], key: str) -> None:
         with sessions() as session, session.begin():
@@ -195,18 +227,20 @@ class DirectoryBlobStore:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key
 
-    def put(self, session: Session, key: str, data: bytes | memoryview) -> None:
+    def put(self, session: Session, key: str, parts: Parts) -> int:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        view = memoryview(data).cast("B")
+        views = [memoryview(part).cast("B") for part in parts]
+        size = sum(len(v) for v in views)
         # a spare of the same size is rewritten in place: its size and blocks stay, so only the data is synced
-        spare = self._take_spare(len(view))
+        spare = self._take_spare(size)
         tmp = spare or path.with_suffix(".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY) if spare else os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                while view:
-                    view = view[os.write(fd, view) :]
+                for view in views:
+                    while view:
+                        view = view[os.write(fd, view) :]
                 if spare:
                     os.fdatasync(fd)
                 else:
@@ -222,9 +256,10 @@ class DirectoryBlobStore:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageUnavailable(f"could not write blob {key}: {exc.strerror or exc}") from exc
+        return size
 
-    def put_staged(self, sessions: sessionmaker[Session], key: str, data: bytes | memoryview) -> None:
-        self.put(None, key, data)  # type: ignore[arg-type]  # a file needs no session
+    def put_staged(self, sessions: sessionmaker[Session], key: str, parts: Parts) -> int:
+        return self.put(None, key, parts)  # type: ignore[arg-type]  # a file needs no session
 
     def discard(self, sessions: sessionmaker[Session], key: str) -> None:
         self.drop([key])

@@ -259,7 +259,7 @@ class RunManager:
             state = RunState(spec, params, device=self.device)
         except optim_core.EngineError as exc:
             raise from_engine(exc) from None
-        data, state_digest = state.to_bytes(), state.digest()
+        state_digest = state.digest()
         key = new_key()
         try:
             with self._db() as session, session.begin():
@@ -276,8 +276,8 @@ class RunManager:
                 )
                 session.add(run)
                 session.flush()
-                self.blobs.put(session, key, data)
-                session.add(Snapshot(run_id=run.id, seq=0, t=0, digest=state_digest, blob_key=key, size=len(data)))
+                size = self.blobs.put(session, key, state.parts())
+                session.add(Snapshot(run_id=run.id, seq=0, t=0, digest=state_digest, blob_key=key, size=size))
                 run_id, created_at = run.id, run.created_at
         except IntegrityError:
             # created meanwhile by a concurrent request: answer as if it had been first
@@ -500,7 +500,7 @@ class RunManager:
     def _write_log(self, live: Live, writer: LogWrite) -> None:
         with self._db() as session, session.begin():
             if writer.key is not None and writer.payload is not None:
-                self.blobs.put(session, writer.key, writer.payload)
+                self.blobs.put(session, writer.key, [writer.payload])
             event = writer.event.result()  # what the step produced, or the step failed and this rolls back
             session.add(Event(run_id=live.id, **event["event"]))
             session.execute(update(Run).where(Run.id == live.id).values(**event["run"]))
@@ -579,16 +579,16 @@ class RunManager:
             log.exception("snapshot of run %r at t=%d failed", live.name, captured.t)
 
     def write_snapshot(self, live: Live, captured: Captured, seq: int) -> None:
-        data, digest = captured.to_bytes(), captured.digest()
+        digest = captured.digest()
         key = new_key()
         # the blob first, outside the transaction: the steps' log writes go on while 100s of MB are written
-        self.blobs.put_staged(self.sessions, key, data)
+        size = self.blobs.put_staged(self.sessions, key, captured.parts())
         try:
             with self._db() as session, session.begin():
                 row = session.get(Run, live.id)
                 if row is None or (live.durability == "log" and row.seq < seq):
                     raise _Superseded  # deleted, or its history rewritten meanwhile: this state is no longer the run's
-                dropped = self._record_snapshot(session, live, captured, seq, digest, key, len(data))
+                dropped = self._record_snapshot(session, live, captured, seq, digest, key, size)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.blobs.discard(self.sessions, key)
@@ -659,11 +659,11 @@ class RunManager:
         # serialized here, under the run's lock, from the live state: a copy (capture) is for background writes;
         # one serialization of the state at a time, so a snapshot in flight lands first (peak memory)
         self.wait_for_snapshot(live.tenant, live.name)
-        data, digest = live.state.to_bytes(), live.state.digest()
+        digest = live.state.digest()
         key = new_key()
         try:
             with self._db() as session, session.begin():
-                self.blobs.put(session, key, data)
+                size = self.blobs.put(session, key, live.state.parts())
                 ckpt = Checkpoint(
                     run_id=live.id,
                     name=name,
@@ -672,7 +672,7 @@ class RunManager:
                     epoch=live.state.epoch,
                     digest=digest,
                     blob_key=key,
-                    size=len(data),
+                    size=size,
                 )
                 session.add(ckpt)
                 session.flush()
@@ -738,15 +738,15 @@ class RunManager:
 
     def _reset(self, live: Live, state: RunState, *, seq: int) -> Live:
         """Make ``state`` the run's whole history: one snapshot at ``seq``, no log, checkpoints kept."""
-        blob, digest = state.to_bytes(), state.digest()
+        digest = state.digest()
         key = new_key()
         try:
             with self._db() as session, session.begin():
                 dropped = [k for k in self._blob_keys_of(session, live.id) if k not in self._checkpoint_keys(session, live.id)]
                 session.execute(delete(Event).where(Event.run_id == live.id))
                 session.execute(delete(Snapshot).where(Snapshot.run_id == live.id))
-                self.blobs.put(session, key, blob)
-                session.add(Snapshot(run_id=live.id, seq=seq, t=state.t, digest=digest, blob_key=key, size=len(blob)))
+                size = self.blobs.put(session, key, state.parts())
+                session.add(Snapshot(run_id=live.id, seq=seq, t=state.t, digest=digest, blob_key=key, size=size))
                 session.execute(update(Run).where(Run.id == live.id).values(t=state.t, epoch=state.epoch, seq=seq))
                 self.blobs.delete(session, dropped)
         except SQLAlchemyError as exc:
@@ -764,7 +764,6 @@ class RunManager:
         ckpt, state = self.checkpoint_state(live, checkpoint)
         durability = durability or live.durability
         snapshot_every = snapshot_every or live.snapshot_every
-        data = state.to_bytes()
         key = new_key()
         try:
             with self._db() as session, session.begin():
@@ -781,8 +780,8 @@ class RunManager:
                 )
                 session.add(run)
                 session.flush()
-                self.blobs.put(session, key, data)
-                session.add(Snapshot(run_id=run.id, seq=ckpt.seq, t=ckpt.t, digest=ckpt.digest, blob_key=key, size=len(data)))
+                size = self.blobs.put(session, key, state.parts())
+                session.add(Snapshot(run_id=run.id, seq=ckpt.seq, t=ckpt.t, digest=ckpt.digest, blob_key=key, size=size))
                 run_id, created_at = run.id, run.created_at
         except IntegrityError:
             self.blobs.drop([key])
