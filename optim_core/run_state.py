@@ -72,7 +72,10 @@ class RunState:
         params: Mapping[str, torch.Tensor],
         *,
         device: str | torch.device | None = None,
+        adopt: bool = False,
     ) -> None:
+        """``adopt``: the run takes ``params`` as its own parameters where they are already on its device (tensors
+        nothing else holds, such as a snapshot's just read), instead of copying them."""
         self.spec = spec if isinstance(spec, RunSpec) else RunSpec.from_dict(spec)
         self.entry = get_optimizer(self.spec.optimizer.name)
         self.entry.require_available()
@@ -80,7 +83,7 @@ class RunState:
         initial = self._check_initial_params(params)
         groups = self.spec.param_groups
         self.module = ParamModule(
-            [(p.name, initial[p.name].detach().to(self.device, copy=True)) for p in self.spec.params],
+            [(p.name, initial[p.name].detach().to(self.device, copy=not adopt)) for p in self.spec.params],
             no_weight_decay=groups.no_weight_decay,
             group_matcher=groups.timm_group_matcher(),
             classifier=groups.classifier,
@@ -320,9 +323,14 @@ class RunState:
         return codec.pack_parts(*self._encoded())
 
     def capture(self) -> Captured:
-        """A copy of the whole state, cheap enough for the step's path (a memcpy); serialize it later."""
+        """A copy of the whole state, cheap enough for the step's path (a memcpy); serialize it later.
+
+        The copy is in host memory whatever the run's device: on a GPU, a copy beside the state would take
+        the device memory the run needs (CheckFreq's snapshot phase copies to the host too); on the CPU it is
+        a clone."""
         meta, tensors = self._encoded()
-        return Captured(t=self.t, epoch=self.epoch, meta=meta, tensors={k: v.clone() for k, v in tensors.items()})
+        copies = {k: v.to("cpu", copy=True) for k, v in tensors.items()}
+        return Captured(t=self.t, epoch=self.epoch, meta=meta, tensors=copies)
 
     def checksum(self) -> str:
         """A cheap fingerprint of the parameters: per tensor, the integer sum of its bit patterns.
@@ -469,7 +477,8 @@ class RunState:
 
     @classmethod
     def from_parts(cls, meta: Any, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None) -> RunState:
-        """The state from a snapshot's JSON part and tensors (``codec.unpack`` or ``codec.read``)."""
+        """The state from a snapshot's JSON part and tensors (``codec.unpack`` or ``codec.read``), which it takes as
+        its own: they are not copied."""
         tree = codec.decode_tree(meta, tensors)
         if not isinstance(tree, dict) or tree.get("format") != FORMAT:
             raise SnapshotError(f"not a run snapshot of format {FORMAT!r}")
@@ -484,7 +493,7 @@ class RunState:
                 f"snapshot was written on {tree['device']}, this process steps on {target.type}: "
                 "resuming would not be bitwise exact"
             )
-        state = cls(RunSpec.from_dict(tree["spec"]), tree["params"], device=target)
+        state = cls(RunSpec.from_dict(tree["spec"]), tree["params"], device=target, adopt=True)
         state._load_optimizer_state(tree["optimizer"])
         if state.schedule is not None:
             state.schedule.load_state_dict(tree["scheduler"])

@@ -76,6 +76,24 @@ def test_resume_from_bytes_is_bitwise(name: str) -> None:
     assert resumed.lrs == straight.lrs
 
 
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_a_capture_writes_the_state_it_was_taken_at(name: str) -> None:
+    """A background snapshot is written from a capture while the run steps on: its file is the state's at the
+    capture, byte for byte, and resumes to that state."""
+    model = make_model(only_2d="2d_params" in get_optimizer(name).needs)
+    grads = make_grads(model, K + 1)
+    run = RunState(_spec(model, name), initial_params(model))
+    for k in range(K):
+        run.apply(grads[k], k, loss=1.0)
+    expected, digest = run.to_bytes(), run.digest()
+    assert b"".join(run.parts()) == expected
+    captured = run.capture()
+    run.apply(grads[K], K, loss=1.0)
+    assert run.digest() != digest
+    assert b"".join(captured.parts()) == expected and captured.digest() == digest
+    assert RunState.from_bytes(expected).digest() == digest
+
+
 def test_digest_changes_with_the_state() -> None:
     model = make_model()
     run = RunState(_spec(model, "adamw"), initial_params(model))
