@@ -7,8 +7,9 @@ the event loop and other runs proceed.
 Durability ("log", the default): a step is applied in memory, then its gradient payload (as received),
 the new ``t`` and a checksum of the parameters are committed in one transaction, then it is
 acknowledged. If the commit fails, the in-memory state (now ahead of the database) is dropped and
-recovered from the database on the next request. Snapshots are copied on the step's path (a memcpy)
-and written by a background thread; the log before the newest snapshot is pruned.
+recovered from the database on the next request. Snapshots are copied under the run's lock (a memcpy),
+once the answer of the step that made one due is sent, and written by a background thread; the log
+before the newest snapshot is pruned.
 """
 
 from __future__ import annotations
@@ -475,7 +476,8 @@ class RunManager:
         self._commit_event(live, writer, kind="step", t=t, value=loss, grad_digest=gdigest)
         clock.lap("log")  # what the log write adds after the step (it ran beside it)
         live.last_step_digest = gdigest
-        self._maybe_snapshot(live)
+        if live.durability == "snapshot":
+            self._maybe_snapshot(live)  # its durability: taken before the answer (a log run's waits for it: maybe_snapshot)
         return StepOutcome(result, replayed=False, params=state.params())
 
     def step_epoch(self, live: Live, *, metric: float | None) -> StepResult:
@@ -551,6 +553,24 @@ class RunManager:
         pending = self._pending.get((tenant, name))
         if pending is not None:
             pending.result()
+
+    def snapshot_due(self, tenant: str, name: str) -> bool:
+        """Whether the live run logs its steps and has gone ``snapshot_every`` events past its last snapshot (a
+        cheap read, without the run's lock)."""
+        live = self._live.get((tenant, name))
+        return live is not None and live.durability == "log" and live.seq - live.last_snapshot_seq >= live.snapshot_every
+
+    def maybe_snapshot(self, tenant: str, name: str) -> None:
+        """Start the background snapshot of a run that logs its steps if one is due, under the run's lock.
+
+        Called once the answer of the step that made it due has been sent (``routes.runs.step``), not before:
+        the capture (a memcpy of the whole state, ~9 ms for 120 MB on the CPU; on a GPU a copy to the host)
+        then overlaps the worker's next step (its forward and backward, then its body on the way here) instead
+        of delaying this answer. Its log holds every step meanwhile. A snapshot-only run, whose snapshots are
+        its durability, takes them in the step, before the answer."""
+        live = self._live.get((tenant, name))
+        if live is not None:
+            self._maybe_snapshot(live)
 
     def _maybe_snapshot(self, live: Live) -> None:
         if live.seq - live.last_snapshot_seq < live.snapshot_every:

@@ -10,6 +10,7 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 import optim_core
@@ -178,7 +179,17 @@ async def step(
         response.headers["Server-Timing"] = clock.header()
         return response
 
-    return await on_run(request, tenant, run, work)
+    response = await on_run(request, tenant, run, work)
+    if manager.snapshot_due(tenant, run):
+        response.background = BackgroundTask(_snapshot, request, tenant, run)  # once the answer is sent
+    return response
+
+
+async def _snapshot(request: Request, tenant: str, name: str) -> None:
+    """A due snapshot's capture, after the answer of the step that made it due (``RunManager.maybe_snapshot``)."""
+    manager: RunManager = request.app.state.manager
+    async with request.app.state.locks(tenant, name):
+        await run_in_threadpool(manager.maybe_snapshot, tenant, name)
 
 
 def _params_response(params: dict[str, Any], headers: dict[str, str]) -> Response:
