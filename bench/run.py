@@ -408,10 +408,10 @@ def section_snapshot(args: argparse.Namespace) -> None:
         # both runs in their steady state (past a snapshot that pruned the log: the directory store then rewrites
         # recycled files, as in a long run, where a run that never snapshots would create a new file every step)
         quiet = remote(srv.base, ps, "torch.AdamW", "default", **durable(args.repeats * 2))
-        quiet_times, _ = steady_steps(quiet, ps, grads, args.repeats * 2)
+        quiet_times, quiet_split = steady_steps(quiet, ps, grads, args.repeats * 2)
         # a snapshot every 2 steps: one is being written during almost every step (one at a time per run)
         busy = remote(srv.base, ps, "torch.AdamW", "default", durability="log", snapshot_every=2)
-        busy_times, _ = remote_steps(busy, ps, grads, args.repeats * 2)
+        busy_times, busy_split = remote_steps(busy, ps, grads, args.repeats * 2)
         writes = []
         for k in range(max(3, args.repeats // 2)):
             start = time.perf_counter()
@@ -427,12 +427,19 @@ def section_snapshot(args: argparse.Namespace) -> None:
         "step_quiet": stats(quiet_times),
         "step_during_snapshots": stats(busy_times),
         "rise": statistics.median(busy_times) / statistics.median(quiet_times) - 1,
+        "split_quiet": quiet_split,
+        "split_during_snapshots": busy_split,
     }
     RESULTS["snapshot"] = rows
     show(
         f"Snapshots, AdamW {millions}M ({state_mb} MB of state), SQLite, {args.store} blobs (ms)",
         ["full snapshot write", "step, no snapshot", "step, snapshot being written", "rise"],
         [[fmt(rows["write"]), fmt(rows["step_quiet"]), fmt(rows["step_during_snapshots"]), f"{rows['rise'] * 100:+.0f}%"]],
+    )
+    show(
+        "Where the rise goes: median ms of each part of a step (see the step section's split)",
+        ["part", "no snapshot", "snapshot being written"],
+        [[k, f"{v:.1f}", f"{busy_split.get(k, 0.0):.1f}"] for k, v in quiet_split.items()],
     )
 
 
@@ -470,6 +477,9 @@ def section_recovery(args: argparse.Namespace) -> None:
             state[f"exp_avg_sq{i}"] = torch.ones_like(p)
         with tempfile.TemporaryDirectory() as tmp:
             saves, loads = baselines.torch_save_load(state, str(Path(tmp) / "state.pt"), repeats=3)
+        # the floor of a recovery that replays the log: loading the state, then each logged step applied again
+        local = stats(timed(in_process("torch.AdamW", "default", ps).step, ps, grads, 5))
+        floor = statistics.median(loads) + (logged + 3) * local["median_ms"] / 1e3
         rows.append(
             {
                 "params_m": millions,
@@ -481,14 +491,17 @@ def section_recovery(args: argparse.Namespace) -> None:
                 "normal_step": normal,
                 "torch_save": stats(saves),
                 "torch_load": stats(loads),
+                "in_process_step": local,
+                "floor_s": floor,
                 "ratio_to_load": (recovered - started) / statistics.median(loads),
+                "ratio_to_floor": (recovered - started) / floor,
             }
         )
     RESULTS["recovery"] = rows
     show(
         "Recovery after kill -9 (durable log: snapshot + 13 logged steps replayed, timed as the run's first request after the "
-        "restart); torch.save/torch.load of the same state (save includes fsync)",
-        ["params", "kill → answered step", "process start", "recovery", "torch.save", "torch.load", "recovery / load"],
+        "restart); torch.save/torch.load of the same state (save includes fsync); the floor: torch.load + 13 in-process steps",
+        ["params", "kill → answered step", "process start", "recovery", "torch.save", "torch.load", "recovery / load", "/ floor"],
         [
             [
                 f"{r['params_m']}M",
@@ -498,6 +511,7 @@ def section_recovery(args: argparse.Namespace) -> None:
                 fmt(r["torch_save"]),
                 fmt(r["torch_load"]),
                 f"{r['ratio_to_load']:.1f}",
+                f"{r['ratio_to_floor']:.1f}",
             ]
             for r in rows
         ],
