@@ -73,6 +73,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# every server a test started, in order: tests/conftest.py kills those a failing test left running
+STARTED: list[Server] = []
+
+
 @dataclass
 class Server:
     url: str
@@ -103,6 +107,8 @@ class Server:
             stderr=subprocess.STDOUT,
         )
         self.starts += 1
+        if not any(s is self for s in STARTED):
+            STARTED.append(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
