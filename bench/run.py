@@ -415,7 +415,7 @@ def section_snapshot(args: argparse.Namespace) -> None:
         writes = []
         for k in range(max(3, args.repeats // 2)):
             start = time.perf_counter()
-            busy.checkpoint(f"c{k}")  # capture + serialize + digest + blob write, as a snapshot does, in the request
+            busy.checkpoint(f"c{k}")  # digest + blob write from the live state, as a snapshot from its capture, in the request
             writes.append(time.perf_counter() - start)
         quiet.close()
         busy.close()

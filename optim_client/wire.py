@@ -11,7 +11,7 @@ copies every tensor out of the buffer. A training loop sends the same shapes eve
   decoding gradients); ``parse_header`` checks a header as strictly as safetensors does.
 
 The files are ordinary safetensors files (``safetensors.torch.load`` reads them, and refuses what
-``parse_header`` refuses; tested). The engine writes its snapshots with ``encode`` too.
+``parse_header`` refuses; tested). The engine writes its snapshots from ``parts`` too.
 """
 
 from __future__ import annotations

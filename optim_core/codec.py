@@ -123,7 +123,7 @@ def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def pack_parts(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
     """A safetensors file of ``tensors``, with ``meta`` as JSON in the header's metadata, as a list of buffers:
-    the header, then each tensor's own memory (``optim_client.wire.parts``: nothing is copied), to be written
+    the header, then each tensor's own memory (``optim_client.wire.parts``: nothing on the CPU is copied), to be written
     one after the other while the tensors stay unchanged. A snapshot of a 10M AdamW state (120 MB) is thus
     written to its blob with no serialized copy of it in memory: a copy would double the state's footprint
     while it is written, and cost the steps beside it a core (``safetensors.torch.save`` copies every tensor
@@ -150,7 +150,7 @@ def pack(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
     return b"".join(pack_parts(meta, tensors))
 
 
-# the dtypes a snapshot may hold: the wire's, and complex (which ``pack`` leaves to safetensors itself)
+# the dtypes a snapshot may hold: the wire's, and complex (which ``pack_parts`` leaves to safetensors itself)
 _SNAPSHOT_DTYPES = {**wire.BY_NAME, "C64": torch.complex64}
 _MAX_HEADER = 100_000_000  # as safetensors
 

@@ -318,8 +318,9 @@ class RunState:
         return codec.pack(*self._encoded())
 
     def parts(self) -> list[memoryview]:
-        """The snapshot file of the state as buffers, most of them the live tensors' own memory
-        (``codec.pack_parts``): to be written before the state changes (under the run's lock)."""
+        """The snapshot file of the state as buffers, most of them the live tensors' own memory on the CPU (host
+        copies of a GPU's, one per tensor; ``codec.pack_parts``): to be written before the state changes (under
+        the run's lock)."""
         return codec.pack_parts(*self._encoded())
 
     def capture(self) -> Captured:
@@ -476,9 +477,13 @@ class RunState:
         return cls.from_parts(*codec.unpack(data), device=device)
 
     @classmethod
-    def from_parts(cls, meta: Any, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None) -> RunState:
-        """The state from a snapshot's JSON part and tensors (``codec.unpack`` or ``codec.read``), which it takes as
-        its own: they are not copied."""
+    def from_parts(
+        cls, meta: Any, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None, adopt: bool = False
+    ) -> RunState:
+        """The state from a snapshot's JSON part and tensors (``codec.unpack`` or ``codec.read``). ``adopt``: the
+        parameters are the given tensors, not copies of them: for tensors nothing else holds, in memory torch
+        allocated (``codec.read``'s; safetensors' own are views of a Python buffer, less aligned, and some
+        kernels' results depend on alignment)."""
         tree = codec.decode_tree(meta, tensors)
         if not isinstance(tree, dict) or tree.get("format") != FORMAT:
             raise SnapshotError(f"not a run snapshot of format {FORMAT!r}")
@@ -493,7 +498,7 @@ class RunState:
                 f"snapshot was written on {tree['device']}, this process steps on {target.type}: "
                 "resuming would not be bitwise exact"
             )
-        state = cls(RunSpec.from_dict(tree["spec"]), tree["params"], device=target, adopt=True)
+        state = cls(RunSpec.from_dict(tree["spec"]), tree["params"], device=target, adopt=adopt)
         state._load_optimizer_state(tree["optimizer"])
         if state.schedule is not None:
             state.schedule.load_state_dict(tree["scheduler"])

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import uuid
@@ -28,6 +29,11 @@ from .models import BlobChunk, Checkpoint, Event, Snapshot
 # a blob is written from a sequence of buffers (a snapshot's header and each tensor's own memory, or one payload):
 # never joined into one copy first
 Parts = Sequence[bytes | memoryview]
+
+
+# a staged blob (a background snapshot) is written in transactions of about this many bytes: short enough not
+# to hold the database's write lock long (the steps' log writes wait for it), long enough to sync seldom
+STAGE_BYTES = 16 * 1024 * 1024
 
 
 def new_key() -> str:
@@ -159,19 +165,25 @@ class DatabaseBlobStore:
     def put(self, session: Session, key: str, parts: Parts) -> int:
         size = 0
         for i, row in enumerate(self._rows(parts)):
-            session.execute(
-                insert(BlobChunk), [{"blob_key": key, "part": i, "data": row}]
-            )  # sent now: the row's buffer is reused
+            # executed now, not at a flush: the row's buffer is reused for the next row
+            session.execute(insert(BlobChunk), [{"blob_key": key, "part": i, "data": row}])
             size += len(row)
         return size
 
     def put_staged(self, sessions: sessionmaker[Session], key: str, parts: Parts) -> int:
         size = 0
+        rows = enumerate(self._rows(parts))
         try:
-            for i, row in enumerate(self._rows(parts)):
+            # transactions of ~STAGE_BYTES, whatever the row size: each commit is a WAL sync
+            while (first := next(rows, None)) is not None:
                 with sessions() as session, session.begin():
-                    session.execute(insert(BlobChunk), [{"blob_key": key, "part": i, "data": row}])
-                size += len(row)
+                    staged = 0
+                    for i, row in itertools.chain([first], rows):
+                        session.execute(insert(BlobChunk), [{"blob_key": key, "part": i, "data": row}])
+                        staged += len(row)
+                        if staged >= STAGE_BYTES:
+                            break
+                size += staged
         except Exception:
             with contextlib.suppress(Exception):
                 self.discard(sessions, key)

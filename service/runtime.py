@@ -260,7 +260,7 @@ class RunManager:
             state = RunState(spec, params, device=self.device)
         except optim_core.EngineError as exc:
             raise from_engine(exc) from None
-        state_digest = state.digest()
+        parts, state_digest = state.parts(), state.digest()  # before the transaction (on a GPU, copies to the host)
         key = new_key()
         try:
             with self._db() as session, session.begin():
@@ -277,7 +277,7 @@ class RunManager:
                 )
                 session.add(run)
                 session.flush()
-                size = self.blobs.put(session, key, state.parts())
+                size = self.blobs.put(session, key, parts)
                 session.add(Snapshot(run_id=run.id, seq=0, t=0, digest=state_digest, blob_key=key, size=size))
                 run_id, created_at = run.id, run.created_at
         except IntegrityError:
@@ -362,7 +362,7 @@ class RunManager:
             raise self._storage_failed(exc, "recovering the run") from exc
         with _LogReader(self, [e.blob_key for e in events if e.kind == "step" and e.blob_key]) as reader:
             try:
-                state = RunState.from_parts(meta, tensors, device=self.device)
+                state = RunState.from_parts(meta, tensors, device=self.device, adopt=True)
             except optim_core.EngineError as exc:
                 raise RecoveryFailed(f"run {name!r}: its snapshot at t={snap.t} cannot be loaded here: {exc}") from None
             del meta, tensors
@@ -477,7 +477,7 @@ class RunManager:
         clock.lap("log")  # what the log write adds after the step (it ran beside it)
         live.last_step_digest = gdigest
         if live.durability == "snapshot":
-            self._maybe_snapshot(live)  # its durability: taken before the answer (a log run's waits for it: maybe_snapshot)
+            self._maybe_snapshot(live)  # its durability: taken before the answer (a log run's comes after it: maybe_snapshot)
         return StepOutcome(result, replayed=False, params=state.params())
 
     def step_epoch(self, live: Live, *, metric: float | None) -> StepResult:
@@ -558,7 +558,10 @@ class RunManager:
         """Whether the live run logs its steps and has gone ``snapshot_every`` events past its last snapshot (a
         cheap read, without the run's lock)."""
         live = self._live.get((tenant, name))
-        return live is not None and live.durability == "log" and live.seq - live.last_snapshot_seq >= live.snapshot_every
+        if live is None or live.durability != "log" or live.seq - live.last_snapshot_seq < live.snapshot_every:
+            return False
+        pending = self._pending.get((tenant, name))
+        return pending is None or pending.done()  # one at a time: the step after it lands asks again
 
     def maybe_snapshot(self, tenant: str, name: str) -> None:
         """Start the background snapshot of a run that logs its steps if one is due, under the run's lock.
@@ -676,14 +679,14 @@ class RunManager:
 
     # ------------------------------------------------------------------ checkpoints
     def create_checkpoint(self, live: Live, name: str) -> Checkpoint:
-        # serialized here, under the run's lock, from the live state: a copy (capture) is for background writes;
-        # one serialization of the state at a time, so a snapshot in flight lands first (peak memory)
+        # written here, under the run's lock, from the live state's memory: a copy (capture) is for background
+        # writes; a snapshot in flight lands first, so that no capture of the state is in memory beside this
         self.wait_for_snapshot(live.tenant, live.name)
-        digest = live.state.digest()
+        parts, digest = live.state.parts(), live.state.digest()
         key = new_key()
         try:
             with self._db() as session, session.begin():
-                size = self.blobs.put(session, key, live.state.parts())
+                size = self.blobs.put(session, key, parts)
                 ckpt = Checkpoint(
                     run_id=live.id,
                     name=name,
@@ -720,7 +723,7 @@ class RunManager:
             ckpt = self._checkpoint(session, live, name)
             meta, tensors = self._read_state(session, ckpt.blob_key, f"checkpoint {name!r}")
         try:
-            return ckpt, RunState.from_parts(meta, tensors, device=self.device)
+            return ckpt, RunState.from_parts(meta, tensors, device=self.device, adopt=True)
         except optim_core.EngineError as exc:
             raise RecoveryFailed(f"checkpoint {name!r} cannot be loaded here: {exc}") from None
 
@@ -758,14 +761,14 @@ class RunManager:
 
     def _reset(self, live: Live, state: RunState, *, seq: int) -> Live:
         """Make ``state`` the run's whole history: one snapshot at ``seq``, no log, checkpoints kept."""
-        digest = state.digest()
+        parts, digest = state.parts(), state.digest()
         key = new_key()
         try:
             with self._db() as session, session.begin():
                 dropped = [k for k in self._blob_keys_of(session, live.id) if k not in self._checkpoint_keys(session, live.id)]
                 session.execute(delete(Event).where(Event.run_id == live.id))
                 session.execute(delete(Snapshot).where(Snapshot.run_id == live.id))
-                size = self.blobs.put(session, key, state.parts())
+                size = self.blobs.put(session, key, parts)
                 session.add(Snapshot(run_id=live.id, seq=seq, t=state.t, digest=digest, blob_key=key, size=size))
                 session.execute(update(Run).where(Run.id == live.id).values(t=state.t, epoch=state.epoch, seq=seq))
                 self.blobs.delete(session, dropped)
@@ -784,7 +787,7 @@ class RunManager:
         ckpt, state = self.checkpoint_state(live, checkpoint)
         durability = durability or live.durability
         snapshot_every = snapshot_every or live.snapshot_every
-        key = new_key()
+        parts, key = state.parts(), new_key()
         try:
             with self._db() as session, session.begin():
                 run = Run(
@@ -800,7 +803,7 @@ class RunManager:
                 )
                 session.add(run)
                 session.flush()
-                size = self.blobs.put(session, key, state.parts())
+                size = self.blobs.put(session, key, parts)
                 session.add(Snapshot(run_id=run.id, seq=ckpt.seq, t=ckpt.t, digest=ckpt.digest, blob_key=key, size=size))
                 run_id, created_at = run.id, run.created_at
         except IntegrityError:

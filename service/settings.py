@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     )
     # SQLite copies a row twice while it inserts it (the bound blob and the record it builds), so the row size is
     # paid three times over in memory during every log write; 4 MiB rows wrote as fast as 16 MiB ones here and took
-    # the server's peak per 10M AdamW run from 3.2-3.3x to 2.6-2.8x the state (bench memory section)
+    # the server's peak over steady steps of a 10M AdamW run (with one snapshot) from 3.2-3.3x to 2.6-2.8x the state
     blob_chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, description="Row size of the database blob store.")
     blob_spare_bytes: int = Field(
         default=2 * 1024**3,
