@@ -246,8 +246,7 @@ def test_rollback_waits_for_a_snapshot_in_flight(tmp_path: Path) -> None:
                 assert client.post("/runs/race/step", params={"t": k}, content=encode(grads[k])).status_code == 200
             assert client.post("/runs/race/rollback", json={"checkpoint": "one"}).json()["t"] == 1
             digest = client.get("/runs/race/digest").json()
-        time.sleep(2.0)  # any snapshot still queued has landed (or been refused) by now
-        server.kill()
+        server.stop()  # a clean stop lets every snapshot in flight land (or be refused) before the process ends
         server.start()
         with server.client() as client:
             assert client.get("/runs/race/digest").json() == digest
