@@ -165,10 +165,14 @@ class DatabaseBlobStore:
     def put(self, session: Session, key: str, parts: Parts) -> int:
         size = 0
         for i, row in enumerate(self._rows(parts)):
-            # executed now, not at a flush: the row's buffer is reused for the next row
-            session.execute(insert(BlobChunk), [{"blob_key": key, "part": i, "data": row}])
-            size += len(row)
+            size += self._insert(session, key, i, row)
         return size
+
+    @staticmethod
+    def _insert(session: Session, key: str, part: int, row: memoryview) -> int:
+        # executed now, not at a flush: the row's buffer is reused for the next row
+        session.execute(insert(BlobChunk), [{"blob_key": key, "part": part, "data": row}])
+        return len(row)
 
     def put_staged(self, sessions: sessionmaker[Session], key: str, parts: Parts) -> int:
         size = 0
@@ -179,8 +183,7 @@ class DatabaseBlobStore:
                 with sessions() as session, session.begin():
                     staged = 0
                     for i, row in itertools.chain([first], rows):
-                        session.execute(insert(BlobChunk), [{"blob_key": key, "part": i, "data": row}])
-                        staged += len(row)
+                        staged += self._insert(session, key, i, row)
                         if staged >= STAGE_BYTES:
                             break
                 size += staged

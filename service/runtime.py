@@ -75,6 +75,11 @@ class Live:
     last_snapshot_t: int | None
     created_at: Any = None
 
+    @property
+    def snapshot_due(self) -> bool:
+        """``snapshot_every`` events or more since the last snapshot."""
+        return self.seq - self.last_snapshot_seq >= self.snapshot_every
+
 
 class _Superseded(Exception):
     """A snapshot whose run was deleted or rewritten while it was being written: dropped."""
@@ -558,7 +563,7 @@ class RunManager:
         """Whether the live run logs its steps and has gone ``snapshot_every`` events past its last snapshot (a
         cheap read, without the run's lock)."""
         live = self._live.get((tenant, name))
-        if live is None or live.durability != "log" or live.seq - live.last_snapshot_seq < live.snapshot_every:
+        if live is None or live.durability != "log" or not live.snapshot_due:
             return False
         pending = self._pending.get((tenant, name))
         return pending is None or pending.done()  # one at a time: the step after it lands asks again
@@ -576,7 +581,7 @@ class RunManager:
             self._maybe_snapshot(live)
 
     def _maybe_snapshot(self, live: Live) -> None:
-        if live.seq - live.last_snapshot_seq < live.snapshot_every:
+        if not live.snapshot_due:
             return
         pending = self._pending.get((live.tenant, live.name))
         if pending is not None and not pending.done():
@@ -586,7 +591,7 @@ class RunManager:
             # flight rather than leave this one to a next step that a preempted worker may never send
             with contextlib.suppress(Exception):  # a failed snapshot was logged by _write_snapshot
                 pending.result()
-            if live.seq - live.last_snapshot_seq < live.snapshot_every:
+            if not live.snapshot_due:
                 return
         try:
             captured = live.state.capture()
