@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request, Response  # noqa: E402
 from optim_client.transport import Transport, TransportError  # noqa: E402
 from service import allocator  # noqa: E402
 from service.deps import read_body  # noqa: E402
+from service.protocol import BodyProtocol  # noqa: E402
 
 app = FastAPI()
 
@@ -89,4 +90,4 @@ if __name__ == "__main__":
     import uvicorn
 
     allocator.tune()
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", loop="uvloop", http="httptools")
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", loop="uvloop", http=BodyProtocol)

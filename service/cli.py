@@ -29,6 +29,7 @@ def serve(
     import uvicorn
 
     from .app import create_app
+    from .protocol import BodyProtocol
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
@@ -40,7 +41,7 @@ def serve(
         port=port,
         log_level=log_level,
         loop="uvloop",
-        http="httptools",
+        http=BodyProtocol,  # httptools, without uvicorn's two copies of each request body (service/protocol.py)
         timeout_graceful_shutdown=30,
     )
 
