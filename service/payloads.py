@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 import xxhash
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from optim_client import wire
 
@@ -37,6 +39,56 @@ def decode(payload: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Ten
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> memoryview:
     """A safetensors file, each tensor copied once into a new buffer (see ``optim_client.wire``)."""
     return wire.encode(tensors, metadata)
+
+
+TAIL_BYTES = 1 << 20
+
+
+class LiveTensorsResponse(Response):
+    """A safetensors answer (``wire.parts``) sent from the tensors' own memory, under the run's lock: only
+    ``deps.SentUnderLock`` may send it (it sets ``lock_held``; anything else is a ``RuntimeError``).
+
+    The server's transport keeps a reference to what it could not send at once and sends it later, and
+    the next step changes the parameters in place: every viewed byte must be with the kernel before the lock
+    is released. The last ``TAIL_BYTES`` of the body are therefore sent as a copy, and the call returns after
+    the final (empty) message, which the server sends only once its transport has drained below its
+    low-water mark (uvicorn waits for ``resume_writing``, which uvloop and asyncio call at 16 KiB by default):
+    what may still be queued then is part of the copied tail, never a view of the tensors.
+    """
+
+    media_type = "application/octet-stream"
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], headers: Mapping[str, str]) -> None:
+        self.pieces = wire.parts(tensors, metadata)
+        self.lock_held = False
+        size = sum(p.nbytes for p in self.pieces)
+        super().__init__(None, headers={**headers, "content-length": str(size)}, media_type=self.media_type)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.lock_held:  # sent after the lock was released, it could carry half of the next step
+            raise RuntimeError("a LiveTensorsResponse must be returned through deps.SentUnderLock")
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        views, tail = _split_tail(self.pieces, TAIL_BYTES)
+        for view in views:
+            await send({"type": "http.response.body", "body": view, "more_body": True})
+        await send({"type": "http.response.body", "body": tail, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _split_tail(pieces: list[memoryview], tail: int) -> tuple[list[memoryview], bytes]:
+    """The pieces up to the last ``tail`` bytes (views, empty ones left out), and those bytes copied."""
+    cut = max(0, sum(p.nbytes for p in pieces) - tail)
+    views: list[memoryview] = []
+    rest: list[memoryview] = []
+    pos = 0
+    for piece in pieces:
+        head = min(piece.nbytes, max(0, cut - pos))
+        if head:
+            views.append(piece[:head])
+        if head < piece.nbytes:
+            rest.append(piece[head:])
+        pos += piece.nbytes
+    return views, b"".join(rest)
 
 
 def from_json_lists(values: Any, like: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -292,3 +296,60 @@ def test_other_requests_answer_while_a_large_step_runs(server: Server, client: h
             order.append("healthz")
     slow.join()
     assert order[0] == "healthz" and "step" in order
+
+
+def _step_read_slowly(port: int, name: str, t: int, grads: dict[str, torch.Tensor], answered: threading.Event) -> bytes:
+    """POST a step and read its answer slowly through a small receive buffer, so that most of the answer
+    waits in the server's transport while it is read; ``answered`` is set once the answer's headers are in."""
+    body = encode(grads)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.connect(("127.0.0.1", port))
+        head = f"POST /runs/{name}/step?t={t} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(32 * 1024)
+        status, answer = data.split(b"\r\n\r\n", 1)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        answered.set()
+        while chunk := sock.recv(32 * 1024):
+            answer += chunk
+            time.sleep(0.001)
+    return answer
+
+
+def test_a_step_s_answer_is_its_parameters_while_a_next_step_waits(tmp_path: Path) -> None:
+    """A step's answer is sent from the live parameters (no copy) under the run's lock: a next step that
+    arrives while the answer is still being read waits for it, and the answer is exactly the step's result
+    (the same step on a twin run, read at once). 16 MB of parameters: more than the kernel's socket buffers
+    take (4 MB here), so most of the answer waits in the server's transport while the next step arrives."""
+    with database("sqlite", tmp_path) as url:
+        server = Server(url, tmp_path).start()
+        try:
+            with server.client() as client:
+                _answers_while_stepping(server, client, 4_000_000)
+        finally:
+            server.stop()
+
+
+def _answers_while_stepping(server: Server, client: httpx.Client, n: int) -> None:
+    names = [f"live-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for name in names:
+        run = {"name": name, "spec": {"params": [{"name": "w", "shape": [n]}], "optimizer": {"name": "adamw", "lr": 0.1}}}
+        assert client.post("/runs", content=encode({"w": torch.zeros(n)}, {"run": json.dumps(run)})).status_code == 201
+    slow, twin = names
+    gen = torch.Generator().manual_seed(3)
+    for t in (0, 2, 4):  # each round, two steps: the one read slowly and the next
+        grad, later = ({"w": torch.randn(n, generator=gen)} for _ in range(2))
+        expected = decode(step(client, twin, t, grad).content)["w"]
+        answered = threading.Event()
+        with ThreadPoolExecutor(2) as pool:
+            reading = pool.submit(_step_read_slowly, server.port, slow, t, grad, answered)
+            assert answered.wait(30)
+            stepping = pool.submit(step, server.client(), slow, t + 1, later)  # a second worker's next step
+            got = decode(reading.result(60))["w"]
+            stepped = stepping.result(60)
+        assert bitwise_equal(got, expected), f"the answer of step t={t} carried bytes of step t={t + 1}"
+        assert stepped.status_code == 200 and not bitwise_equal(decode(stepped.content)["w"], expected)
+        assert step(client, twin, t + 1, later).status_code == 200  # the twin keeps up

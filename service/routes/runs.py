@@ -10,7 +10,6 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 import optim_core
@@ -18,8 +17,9 @@ from optim_core import codec
 from schemas import RunCreate, RunList, RunPublic, SchedulePreview, SchedulePublic, ScheduleStep
 
 from .. import payloads
-from ..deps import ManagerDep, RunName, SettingsDep, TenantDep, content_kind, on_run, read_body
+from ..deps import ManagerDep, RunName, SentUnderLock, SettingsDep, TenantDep, content_kind, on_run, read_body
 from ..errors import Invalid, InvalidPayload, RunNotFound
+from ..payloads import LiveTensorsResponse
 from ..runtime import Clock, Live, RunManager, StepOutcome
 
 router = APIRouter(tags=["runs"])
@@ -159,7 +159,7 @@ async def step(
     clock.lap("receive")
     manager: RunManager = request.app.state.manager
 
-    # the answer is built under the run's lock: the parameters are views of the live ones, which the next step changes
+    # the answer is built and sent under the run's lock: it is sent from the live parameters, which the next step changes
     def work(live: Live) -> Response:
         clock.lap("wait")  # for the run's lock (another request on the run) and a worker thread
         outcome = manager.step(
@@ -174,28 +174,23 @@ async def step(
                 {"t": outcome.result.t, "lr": outcome.result.lrs, "replayed": outcome.replayed, "params": params}, headers=headers
             )
         else:
-            response = _params_response(outcome.params, headers)
+            response = LiveTensorsResponse(outcome.params, _params_meta(headers), headers)
         clock.lap("encode")
         response.headers["Server-Timing"] = clock.header()
         return response
 
-    response = await on_run(request, tenant, run, work)
-    if manager.snapshot_due(tenant, run):
-        response.background = BackgroundTask(_snapshot, request, tenant, run)  # once the answer is sent
-    return response
+    async def snapshot() -> None:
+        """A due snapshot's capture, once the answer of the step that made it due is sent (``RunManager.maybe_snapshot``)."""
+        if manager.snapshot_due(tenant, run):
+            async with request.app.state.locks(tenant, run):
+                await run_in_threadpool(manager.maybe_snapshot, tenant, run)
+
+    return SentUnderLock(request, tenant, run, work, after=snapshot)
 
 
-async def _snapshot(request: Request, tenant: str, name: str) -> None:
-    """A due snapshot's capture, after the answer of the step that made it due (``RunManager.maybe_snapshot``)."""
-    manager: RunManager = request.app.state.manager
-    async with request.app.state.locks(tenant, name):
-        await run_in_threadpool(manager.maybe_snapshot, tenant, name)
-
-
-def _params_response(params: dict[str, Any], headers: dict[str, str]) -> Response:
-    """Parameters as safetensors, with ``t`` and ``lr`` in its metadata as in the headers."""
-    meta = {"t": headers["Optim-T"], "lr": headers["Optim-LR"]}
-    return Response(payloads.encode(params, meta), media_type=SAFETENSORS, headers=headers)
+def _params_meta(headers: dict[str, str]) -> dict[str, str]:
+    """The answer's ``t`` and ``lr``, in its safetensors metadata as in its headers."""
+    return {"t": headers["Optim-T"], "lr": headers["Optim-LR"]}
 
 
 @router.get(
@@ -205,8 +200,10 @@ def _params_response(params: dict[str, Any], headers: dict[str, str]) -> Respons
 )
 async def get_params(request: Request, run: RunName, tenant: TenantDep) -> Response:
     def work(live: Live) -> Response:
-        return _params_response(live.state.params(), {"Optim-T": str(live.state.t), "Optim-LR": json.dumps(live.state.lrs)})
+        headers = {"Optim-T": str(live.state.t), "Optim-LR": json.dumps(live.state.lrs)}
+        return Response(payloads.encode(live.state.params(), _params_meta(headers)), media_type=SAFETENSORS, headers=headers)
 
+    # a copy, sent after the lock is released: a slow reader of the parameters must not hold up the run's steps
     return await on_run(request, tenant, run, work)
 
 
