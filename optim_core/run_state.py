@@ -42,6 +42,11 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _GLOBAL_RNG_LOCK = threading.Lock()
 
 
+# torch's CPU allocator aligns to 64 bytes; a gradient that is a view at another offset is copied, not donated
+# (some kernels, MKL's among them, may take another path, and round differently, on less aligned memory)
+GRAD_ALIGN = 64
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """CUDA when present, else CPU; the same code path on both."""
     if device is not None:
@@ -125,11 +130,14 @@ class RunState:
             out[info.name] = t
         return out
 
-    def check_gradients(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def check_gradients(self, grads: Mapping[str, torch.Tensor], *, donate: bool = False) -> dict[str, torch.Tensor]:
         """Validate a gradient payload; return it on the run's device in each parameter's dtype.
 
         A missing name means "no gradient" (``p.grad is None``), as in torch. Lower-precision float
-        gradients (bf16/fp16 on the wire) are applied in the parameter's dtype.
+        gradients (bf16/fp16 on the wire) are applied in the parameter's dtype. Each gradient is copied (the
+        optimizer may change ``.grad`` in place), except with ``donate``: the caller gives its tensors to the
+        step and will not read them again, so one already on the device, in the parameter's dtype, contiguous
+        and as aligned as torch's own allocations (``GRAD_ALIGN``) is used as it is.
         """
         if not isinstance(grads, Mapping):
             raise GradientError(f"gradients must map parameter names to tensors, got {type(grads).__name__}")
@@ -155,8 +163,10 @@ class RunState:
                     f"gradient {name!r} has dtype {codec.dtype_name(g.dtype)}, the parameter {codec.dtype_name(p.dtype)}; "
                     "a gradient must have the parameter's dtype or a narrower float (float16, bfloat16)"
                 )
-            # a fresh copy: the optimizer may change .grad in place, and must not change the caller's tensors
-            out[name] = g.detach().to(device=self.device, dtype=p.dtype, copy=True)
+            if donate and g.device == self.device and g.dtype == p.dtype and g.is_contiguous() and g.data_ptr() % GRAD_ALIGN == 0:
+                out[name] = g.detach()
+            else:  # a fresh copy: the optimizer may change .grad in place, and must not change the caller's tensors
+                out[name] = g.detach().to(device=self.device, dtype=p.dtype, copy=True)
         return out
 
     def _check_usable(self) -> None:
@@ -178,13 +188,14 @@ class RunState:
     def lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
-    def apply(self, grads: Mapping[str, torch.Tensor], t: int, loss: float | None = None) -> StepResult:
-        """Apply the gradients computed at step ``t`` (which must be the current step count)."""
+    def apply(self, grads: Mapping[str, torch.Tensor], t: int, loss: float | None = None, *, donate: bool = False) -> StepResult:
+        """Apply the gradients computed at step ``t`` (which must be the current step count). ``donate``: the
+        caller will not read ``grads`` again, and those that need no conversion are not copied (``check_gradients``)."""
         self._check_usable()
         if isinstance(t, bool) or not isinstance(t, int) or t != self.t:
             raise StepMismatch(f"gradient is for step t={t!r}, the run is at t={self.t}", current_t=self.t)
         _check_finite("loss", loss)
-        prepared = self.check_gradients(grads)
+        prepared = self.check_gradients(grads, donate=donate)
         steps_schedule = self._schedule_steps_now(epoch=False)
         if steps_schedule:
             assert self.schedule is not None

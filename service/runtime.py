@@ -463,10 +463,12 @@ class RunManager:
                 reason="stale" if t < state.t else "ahead",
             )
         # the gradient goes to the log while the optimizer steps: the payload is not the tensors the optimizer
-        # is given (those are decoded copies), so both proceed at once and the answer waits for both
+        # is given (those are decoded copies), so both proceed at once and the answer waits for both. A run that
+        # logs nothing gives the optimizer the body's own (writable) memory: the aligned gradients are not copied.
         writer = self._begin_log(live, payload)
+        donate = writer is None and (content_type == "json" or (isinstance(payload, memoryview) and not payload.readonly))
         try:
-            result = self.stepper.run(state.apply, grads, t, loss=loss)
+            result = self.stepper.run(state.apply, grads, t, loss=loss, donate=donate)
         except optim_core.StepFailed as exc:
             self._abort_log(writer)
             self.evict(live.tenant, live.name)  # reloaded from the durable state on the next request

@@ -72,11 +72,16 @@ def _loop(model: nn.Module, opt: torch.optim.Optimizer, steps: range, after_step
     return losses
 
 
-@pytest.mark.parametrize("name", ["adamw", "lamb", "sgd", "lion", "adafactor", "torch.AdamW"])
-def test_loop_equals_local_timm_with_scheduler_and_ema(server: Server, name: str) -> None:
+@pytest.mark.parametrize("durability", ["log", "snapshot"])  # a snapshot-only run steps on the body's own memory
+@pytest.mark.parametrize("name", ["adamw", "lamb", "sgd", "lion", "adafactor", "torch.AdamW", "torch.Rprop"])
+def test_loop_equals_local_timm_with_scheduler_and_ema(server: Server, name: str, durability: str) -> None:
     options: dict[str, Any] = {"lr": 0.01, "weight_decay": 0.05}
     local, remote_model = make_model(3), make_model(3)
-    if name.startswith("torch."):
+    if name == "torch.Rprop":  # changes .grad in place
+        options = {"lr": 0.01}
+        local_opt = torch.optim.Rprop(local.parameters(), **options)
+        groups = {"filter_bias_and_bn": False}
+    elif name.startswith("torch."):
         local_opt = torch.optim.AdamW(local.parameters(), **options)
         groups: dict[str, Any] = {"filter_bias_and_bn": False}  # exactly torch.optim.AdamW(model.parameters())
     else:
@@ -98,6 +103,7 @@ def test_loop_equals_local_timm_with_scheduler_and_ema(server: Server, name: str
         groups=groups,
         scheduler={"name": "cosine", "num_epochs": 12, "warmup_epochs": 2, "warmup_lr": 1e-4},
         ema={"decay": 0.9},
+        durability=durability,
         **options,
     )
     assert isinstance(opt, torch.optim.Optimizer) and not opt.resumed

@@ -8,6 +8,7 @@ import pytest
 import timm.optim
 import torch
 
+from optim_client import wire
 from optim_core import RunState, Unavailable, get_optimizer, list_optimizers
 from optim_core.catalogue import LOOKAHEAD_PREFIX, TORCH_PREFIX
 
@@ -77,8 +78,15 @@ def _reference(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return timm.optim.create_optimizer_v2(model, opt=name, lr=LR, weight_decay=WD)
 
 
+def _as_received(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradients as the service decodes a client's body: views of one writable buffer torch allocated,
+    the client's order (``aligned_first``) putting most of them at multiples of 64 bytes, the rest not."""
+    return wire.views(wire.encode(wire.aligned_first(grads)))[0]
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["copied", "donated"])
 @pytest.mark.parametrize("name", AVAILABLE)
-def test_steps_bitwise_equal_to_in_process(name: str) -> None:
+def test_steps_bitwise_equal_to_in_process(name: str, donate: bool) -> None:
     only_2d = "2d_params" in get_optimizer(name).needs
     model = make_model(only_2d=only_2d)
     options = {"lr": LR} if _weight_decay(name) is None else {"lr": LR, "weight_decay": WD}
@@ -96,7 +104,7 @@ def test_steps_bitwise_equal_to_in_process(name: str) -> None:
     torch.manual_seed(12345)  # the engine must not depend on (or consume) this process's global RNG
     global_rng = torch.get_rng_state()
     for k, g in enumerate(grads):
-        result = run.apply(g, k)
+        result = run.apply(_as_received(g) if donate else g, k, donate=donate)
         assert result.t == k + 1
     assert torch.equal(torch.get_rng_state(), global_rng)
     assert_params_bitwise(model, run.params(), name)
@@ -111,3 +119,19 @@ def test_unavailable_entries_refuse_with_their_reason(name: str) -> None:
     with pytest.raises(Unavailable) as info:
         RunState({"params": manifest(model), "optimizer": {"name": name}}, initial_params(model))
     assert name in str(info.value) and entry.reason is not None and entry.reason in str(info.value)
+
+
+def test_donated_gradients_are_used_in_place_only_when_aligned_and_in_the_parameter_s_dtype() -> None:
+    model = make_model()
+    run = RunState({"params": manifest(model), "optimizer": {"name": "adamw"}}, initial_params(model))
+    grads = make_grads(model, 1)[0]
+    received = _as_received(grads)
+    used = run.check_gradients(received, donate=True)
+    in_place = {n for n, g in used.items() if g.data_ptr() == received[n].data_ptr()}
+    aligned = {n for n, g in received.items() if g.data_ptr() % 64 == 0 and g.numel()}
+    assert in_place == aligned and 0 < len(aligned) < len(grads)
+    assert all(g.data_ptr() % 64 == 0 for g in used.values())
+    copied = run.check_gradients(received)  # without donate: always copies
+    assert not any(g.data_ptr() == received[n].data_ptr() for n, g in copied.items())
+    half = run.check_gradients({n: g.to(torch.bfloat16) for n, g in received.items()}, donate=True)
+    assert all(g.dtype == torch.float32 for g in half.values())  # converted, so copied
