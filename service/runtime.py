@@ -146,7 +146,7 @@ class _LogReader:
     """The payloads of the steps to replay, read in order by a thread of its own, ``ahead`` of the replay.
 
     Each is read into one of ``ahead + 1`` buffers, reused: asking for the next payload gives the previous
-    one's buffer back (its gradients were copied by the step), so reading the log touches no fresh memory
+    one's buffer back (the step that used its gradients is done), so reading the log touches no fresh memory
     after the first few steps and no more than ``ahead + 1`` payloads are in memory at once. Each read is a
     short transaction of its own, so the database is not held for the whole replay.
     """
@@ -193,8 +193,9 @@ class _LogReader:
 
 
 def _replay_step(state: RunState, grads: dict[str, torch.Tensor], t: int, loss: float | None) -> str:
-    """A logged step applied again (on a stepper thread); the parameters' checksum after it."""
-    state.apply(grads, t, loss=loss)
+    """A logged step applied again (on a stepper thread); the parameters' checksum after it. The gradients are
+    views of the log reader's buffer, which is read into again only after this step: they are donated."""
+    state.apply(grads, t, loss=loss, donate=True)
     return state.checksum()
 
 
@@ -381,7 +382,7 @@ class RunManager:
                     raise RecoveryFailed(f"run {name!r}: event {ev.seq} (t={ev.t}) is a step without its gradient")
                 try:
                     if ev.kind == "step":
-                        # views of the reader's buffer, which the step copies before the buffer is reused
+                        # views of the reader's buffer, which is not read into again before the step is done
                         grads, _ = payloads.decode(reader.next())
                         checksum = self.stepper.run(_replay_step, state, grads, ev.t, ev.value)
                         del grads
