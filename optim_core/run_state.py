@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from optim_client import wire
+
 from . import codec
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
@@ -40,11 +42,6 @@ MAX_T = 2**62  # steps and epochs: far beyond any run, and within every database
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # torch's global generator is process-wide: runs whose optimizer draws from it take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
-
-
-# torch's CPU allocator aligns to 64 bytes; a gradient that is a view at another offset is copied, not donated
-# (some kernels, MKL's among them, may take another path, and round differently, on less aligned memory)
-GRAD_ALIGN = 64
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -137,7 +134,8 @@ class RunState:
         gradients (bf16/fp16 on the wire) are applied in the parameter's dtype. Each gradient is copied (the
         optimizer may change ``.grad`` in place), except with ``donate``: the caller gives its tensors to the
         step and will not read them again, so one already on the device, in the parameter's dtype, contiguous
-        and as aligned as torch's own allocations (``GRAD_ALIGN``) is used as it is.
+        and as aligned as torch's own allocations (``wire.ALIGN``) is used as it is; one at another offset is
+        copied (some kernels, MKL's among them, may take another path, and round differently, on less aligned memory).
         """
         if not isinstance(grads, Mapping):
             raise GradientError(f"gradients must map parameter names to tensors, got {type(grads).__name__}")
@@ -163,7 +161,7 @@ class RunState:
                     f"gradient {name!r} has dtype {codec.dtype_name(g.dtype)}, the parameter {codec.dtype_name(p.dtype)}; "
                     "a gradient must have the parameter's dtype or a narrower float (float16, bfloat16)"
                 )
-            if donate and g.device == self.device and g.dtype == p.dtype and g.is_contiguous() and g.data_ptr() % GRAD_ALIGN == 0:
+            if donate and g.device == self.device and g.dtype == p.dtype and g.is_contiguous() and g.data_ptr() % wire.ALIGN == 0:
                 out[name] = g.detach()
             else:  # a fresh copy: the optimizer may change .grad in place, and must not change the caller's tensors
                 out[name] = g.detach().to(device=self.device, dtype=p.dtype, copy=True)

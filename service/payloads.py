@@ -41,6 +41,7 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return wire.encode(tensors, metadata)
 
 
+SAFETENSORS = "application/octet-stream"  # the media type of tensor bodies, in and out
 TAIL_BYTES = 1 << 20
 
 
@@ -56,13 +57,13 @@ class LiveTensorsResponse(Response):
     what may still be queued then is part of the copied tail, never a view of the tensors.
     """
 
-    media_type = "application/octet-stream"
+    media_type = SAFETENSORS
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], headers: Mapping[str, str]) -> None:
         self.pieces = wire.parts(tensors, metadata)
         self.lock_held = False
         size = sum(p.nbytes for p in self.pieces)
-        super().__init__(None, headers={**headers, "content-length": str(size)}, media_type=self.media_type)
+        super().__init__(None, headers={**headers, "content-length": str(size)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.lock_held:  # sent after the lock was released, it could carry half of the next step

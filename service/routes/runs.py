@@ -19,11 +19,10 @@ from schemas import RunCreate, RunList, RunPublic, SchedulePreview, SchedulePubl
 from .. import payloads
 from ..deps import ManagerDep, RunName, SentUnderLock, SettingsDep, TenantDep, content_kind, on_run, read_body
 from ..errors import Invalid, InvalidPayload, RunNotFound
-from ..payloads import LiveTensorsResponse
+from ..payloads import SAFETENSORS, LiveTensorsResponse
 from ..runtime import Clock, Live, RunManager, StepOutcome
 
 router = APIRouter(tags=["runs"])
-SAFETENSORS = "application/octet-stream"
 BINARY_BODY = {"content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}
 
 
