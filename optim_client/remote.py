@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
-from . import wire
+from optim_format import dtypes, framing
+
 from .transport import OptimServiceError, Transport, default_url, read_exactly
 
 log = logging.getLogger("optim_client")
@@ -36,10 +37,6 @@ log = logging.getLogger("optim_client")
 def _escape(name: str) -> str:
     """A parameter name as an fnmatch pattern that matches only itself."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _server_timing(header: str) -> dict[str, float]:
@@ -130,7 +127,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             param_groups.setdefault("filter_bias_and_bn", False)
             param_groups["groups"] = explicit
         spec = {
-            "params": [{"name": n, "shape": list(p.shape), "dtype": _dtype_name(p.dtype)} for n, p in named],
+            "params": [{"name": n, "shape": list(p.shape), "dtype": dtypes.name_of(p.dtype)} for n, p in named],
             "optimizer": {"name": optimizer, **{k: list(v) if isinstance(v, tuple) else v for k, v in hyperparams.items()}},
             "param_groups": param_groups or None,
             "scheduler": dict(scheduler) if scheduler else None,
@@ -142,7 +139,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         body: dict[str, Any] = {"name": run, "spec": spec, "durability": durability}
         if snapshot_every is not None:
             body["snapshot_every"] = snapshot_every
-        initial = wire.encode({n: p for n, p in named}, metadata={"run": json.dumps(body)})
+        initial = framing.encode({n: p for n, p in named}, metadata={"run": json.dumps(body)})
         response = self._http.request("POST", "/runs", body=initial)
         info = response.json()
         self.resumed = response.status_code == 200
@@ -193,7 +190,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         # the header, then each gradient's own memory (sent without a copy), those of whole multiples of 64 bytes
         # first: the service can then step on them where they land in its buffer instead of copying them
-        body = wire.parts(wire.aligned_first(grads))
+        body = framing.parts(framing.aligned_first(grads))
         sent = time.perf_counter()
         if self._partial:
             log.warning(
@@ -244,7 +241,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         header = memoryview(bytearray(header_len))
         read_exactly(r, header)
         try:
-            entries, _ = wire.parse_header(header, size - 8 - header_len)
+            entries, _ = framing.parse_header(header, size - 8 - header_len)
         except ValueError as exc:
             raise OptimServiceError(200, "BadAnswer", f"the step's answer is not a safetensors file: {exc}") from None
         for _, _, name, _, shape in entries:
@@ -257,7 +254,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for begin, end, name, dtype, shape in entries:
                 p = self._by_name[name]
                 if p.device.type == "cpu" and p.dtype == dtype and p.is_contiguous():
-                    read_exactly(r, wire.tensor_bytes(p))
+                    read_exactly(r, framing.tensor_bytes(p))
                     torch.autograd.graph.increment_version(p)  # as an in-place write does
                 else:
                     if len(self._answer) < end - begin:

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from optim_client import wire
+from optim_format import FormatError, dtypes, framing, snapshot, tree
 
-from . import codec
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
 from .errors import (
@@ -64,7 +63,7 @@ def _check_finite(what: str, value: Any) -> None:
 
 
 def _describe(t: torch.Tensor) -> str:
-    return f"{codec.dtype_name(t.dtype)} {list(t.shape)}"
+    return f"{dtypes.name_of(t.dtype)} {list(t.shape)}"
 
 
 class RunState:
@@ -134,7 +133,7 @@ class RunState:
         gradients (bf16/fp16 on the wire) are applied in the parameter's dtype. Each gradient is copied (the
         optimizer may change ``.grad`` in place), except with ``donate``: the caller gives its tensors to the
         step and will not read them again, so one already on the device, in the parameter's dtype, contiguous
-        and as aligned as torch's own allocations (``wire.ALIGN``) is used as it is; one at another offset is
+        and as aligned as torch's own allocations (``framing.ALIGN``) is used as it is; one at another offset is
         copied (some kernels, MKL's among them, may take another path, and round differently, on less aligned memory).
         """
         if not isinstance(grads, Mapping):
@@ -153,15 +152,21 @@ class RunState:
             if g.layout != torch.strided:
                 raise GradientError(f"gradient {name!r} is {g.layout}; {self.entry.name!r} takes dense gradients")
             if not g.is_floating_point():
-                raise GradientError(f"gradient {name!r} has dtype {codec.dtype_name(g.dtype)}; gradients must be floating point")
+                raise GradientError(f"gradient {name!r} has dtype {dtypes.name_of(g.dtype)}; gradients must be floating point")
             if tuple(g.shape) != tuple(p.shape):
                 raise GradientError(f"gradient {name!r} has shape {list(g.shape)}; the parameter has shape {list(p.shape)}")
             if g.dtype != p.dtype and torch.finfo(g.dtype).bits >= torch.finfo(p.dtype).bits:
                 raise GradientError(
-                    f"gradient {name!r} has dtype {codec.dtype_name(g.dtype)}, the parameter {codec.dtype_name(p.dtype)}; "
+                    f"gradient {name!r} has dtype {dtypes.name_of(g.dtype)}, the parameter {dtypes.name_of(p.dtype)}; "
                     "a gradient must have the parameter's dtype or a narrower float (float16, bfloat16)"
                 )
-            if donate and g.device == self.device and g.dtype == p.dtype and g.is_contiguous() and g.data_ptr() % wire.ALIGN == 0:
+            if (
+                donate
+                and g.device == self.device
+                and g.dtype == p.dtype
+                and g.is_contiguous()
+                and g.data_ptr() % framing.ALIGN == 0
+            ):
                 out[name] = g.detach()
             else:  # a fresh copy: the optimizer may change .grad in place, and must not change the caller's tensors
                 out[name] = g.detach().to(device=self.device, dtype=p.dtype, copy=True)
@@ -320,17 +325,20 @@ class RunState:
     def _encoded(self) -> tuple[Any, dict[str, torch.Tensor]]:
         self._check_usable()
         tensors: dict[str, torch.Tensor] = {}
-        meta = codec.encode_tree(self._tree(), "", tensors)
+        try:
+            meta = tree.encode_tree(self._tree(), "", tensors)
+        except FormatError as exc:  # a state_dict holding what the format cannot carry
+            raise SnapshotError(f"the state cannot be stored: {exc}") from None
         return meta, tensors
 
     def to_bytes(self) -> bytes:
-        return codec.pack(*self._encoded())
+        return snapshot.pack(*self._encoded())
 
     def parts(self) -> list[memoryview]:
         """The snapshot file of the state as buffers, most of them the live tensors' own memory on the CPU (host
-        copies of a GPU's, one per tensor; ``codec.pack_parts``): to be written before the state changes (under
+        copies of a GPU's, one per tensor; ``optim_format.snapshot.pack_parts``): to be written before the state changes (under
         the run's lock)."""
-        return codec.pack_parts(*self._encoded())
+        return snapshot.pack_parts(*self._encoded())
 
     def capture(self) -> Captured:
         """A copy of the whole state, cheap enough for the step's path (a memcpy); serialize it later.
@@ -460,7 +468,7 @@ class RunState:
         shadow = _ShadowOptimizer(self.optimizer)
         tensors: dict[str, torch.Tensor] = {}
         schedule = Schedule(self.spec.scheduler or {}, shadow)
-        schedule.load_state_dict(codec.decode_tree(codec.encode_tree(self.schedule.state_dict(), "", tensors), tensors))
+        schedule.load_state_dict(tree.decode_tree(tree.encode_tree(self.schedule.state_dict(), "", tensors), tensors))
         shadow.load_groups(self.optimizer)
         out = []
         epoch = self.schedule.interval == "epoch"
@@ -474,49 +482,56 @@ class RunState:
 
     def digest(self) -> str:
         meta, tensors = self._encoded()
-        return codec.digest(meta, tensors)
+        return snapshot.digest(meta, tensors)
 
     def digest_matches(self, recorded: str) -> bool:
         """Whether ``recorded`` (a digest of this or an earlier format) is this state's."""
         meta, tensors = self._encoded()
-        return codec.digest_matches(recorded, meta, tensors)
+        return snapshot.digest_matches(recorded, meta, tensors)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, *, device: str | torch.device | None = None) -> RunState:
-        return cls.from_parts(*codec.unpack(data), device=device)
+        try:
+            meta, tensors = snapshot.unpack(data)
+        except FormatError as exc:
+            raise SnapshotError(str(exc)) from None
+        return cls.from_parts(meta, tensors, device=device)
 
     @classmethod
     def from_parts(
         cls, meta: Any, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None, adopt: bool = False
     ) -> RunState:
-        """The state from a snapshot's JSON part and tensors (``codec.unpack`` or ``codec.read``). ``adopt``: the
+        """The state from a snapshot's JSON part and tensors (``optim_format.snapshot.unpack`` or ``read``). ``adopt``: the
         parameters are the given tensors, not copies of them: for tensors nothing else holds, in memory torch
-        allocated (``codec.read``'s; safetensors' own are views of a Python buffer, less aligned, and some
+        allocated (``snapshot.read``'s; safetensors' own are views of a Python buffer, less aligned, and some
         kernels' results depend on alignment)."""
-        tree = codec.decode_tree(meta, tensors)
-        if not isinstance(tree, dict) or tree.get("format") != FORMAT:
+        try:
+            saved = tree.decode_tree(meta, tensors)
+        except FormatError as exc:
+            raise SnapshotError(str(exc)) from None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise SnapshotError(f"not a run snapshot of format {FORMAT!r}")
         target = pick_device(device)
-        if tree["torch"] != torch.__version__:
+        if saved["torch"] != torch.__version__:
             raise SnapshotError(
-                f"snapshot was written by torch {tree['torch']}, this process runs {torch.__version__}: "
+                f"snapshot was written by torch {saved['torch']}, this process runs {torch.__version__}: "
                 "resuming would not be bitwise exact"
             )
-        if tree["device"] != target.type:
+        if saved["device"] != target.type:
             raise SnapshotError(
-                f"snapshot was written on {tree['device']}, this process steps on {target.type}: "
+                f"snapshot was written on {saved['device']}, this process steps on {target.type}: "
                 "resuming would not be bitwise exact"
             )
-        state = cls(RunSpec.from_dict(tree["spec"]), tree["params"], device=target, adopt=adopt)
-        state._load_optimizer_state(tree["optimizer"])
+        state = cls(RunSpec.from_dict(saved["spec"]), saved["params"], device=target, adopt=adopt)
+        state._load_optimizer_state(saved["optimizer"])
         if state.schedule is not None:
-            state.schedule.load_state_dict(tree["scheduler"])
+            state.schedule.load_state_dict(saved["scheduler"])
         if state.swa is not None:
-            state.swa.load_state_dict(tree["swa"])
+            state.swa.load_state_dict(saved["swa"])
         if state.ema is not None:
-            state.ema.load_state_dict(tree["ema"])
-        state.t, state.epoch, state.skipped_steps = tree["t"], tree["epoch"], tree["skipped_steps"]
-        state._rng = tree["rng"]
+            state.ema.load_state_dict(saved["ema"])
+        state.t, state.epoch, state.skipped_steps = saved["t"], saved["epoch"], saved["skipped_steps"]
+        state._rng = saved["rng"]
         return state
 
 
@@ -530,11 +545,11 @@ class Captured:
     tensors: dict[str, torch.Tensor]
 
     def parts(self) -> list[memoryview]:
-        """The snapshot file of the copy, as buffers of its own memory (``codec.pack_parts``)."""
-        return codec.pack_parts(self.meta, self.tensors)
+        """The snapshot file of the copy, as buffers of its own memory (``optim_format.snapshot.pack_parts``)."""
+        return snapshot.pack_parts(self.meta, self.tensors)
 
     def digest(self) -> str:
-        return codec.digest(self.meta, self.tensors)
+        return snapshot.digest(self.meta, self.tensors)
 
 
 def _nonfinite(grads: Mapping[str, torch.Tensor]) -> list[str]:

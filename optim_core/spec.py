@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from optim_format import dtypes
+
 from .errors import SpecError
 
 MAX_NAME_LENGTH = 512
 MAX_TENSORS = 100_000
 NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]+")
-FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NONFINITE_POLICIES = ("error", "skip")
 INTERVALS = ("step", "epoch")
 
@@ -77,7 +78,7 @@ class ParamInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return FLOAT_DTYPES[self.dtype]
+        return dtypes.parse(self.dtype)
 
     @classmethod
     def from_dict(cls, i: int, data: Mapping[str, Any]) -> ParamInfo:
@@ -92,8 +93,8 @@ class ParamInfo:
         ):
             raise SpecError(f"{where}.shape must be a list of non-negative integers, got {shape!r}")
         dtype = data.get("dtype", "float32")
-        if dtype not in FLOAT_DTYPES:
-            raise SpecError(f"{where}.dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
+        if dtype not in dtypes.FLOAT_NAMES:
+            raise SpecError(f"{where}.dtype must be one of {sorted(dtypes.FLOAT_NAMES)}, got {dtype!r}")
         return cls(name=name, shape=tuple(shape), dtype=dtype)
 
     def to_dict(self) -> dict[str, Any]:

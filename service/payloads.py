@@ -10,7 +10,7 @@ import xxhash
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from optim_client import wire
+from optim_format import framing
 
 from .errors import Invalid, InvalidPayload
 
@@ -27,18 +27,18 @@ def decode(payload: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Ten
     """A safetensors body: its tensors (views of the body, to be copied, never written) and metadata.
 
     safetensors' own ``load`` copies every tensor out of the body, and the step copies them again onto
-    the run's device in the parameter's dtype; ``wire.views`` checks the header as strictly as safetensors
+    the run's device in the parameter's dtype; ``framing.views`` checks the header as strictly as safetensors
     does (tested against it on the same malformed bodies) and leaves the one copy to the step.
     """
     try:
-        return wire.views(payload)
+        return framing.views(payload)
     except ValueError as exc:
         raise InvalidPayload(f"the body is not a valid safetensors file: {str(exc)[:300]}") from None
 
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> memoryview:
-    """A safetensors file, each tensor copied once into a new buffer (see ``optim_client.wire``)."""
-    return wire.encode(tensors, metadata)
+    """A safetensors file, each tensor copied once into a new buffer (see ``optim_format.framing``)."""
+    return framing.encode(tensors, metadata)
 
 
 SAFETENSORS = "application/octet-stream"  # the media type of tensor bodies, in and out
@@ -46,7 +46,7 @@ TAIL_BYTES = 1 << 20
 
 
 class LiveTensorsResponse(Response):
-    """A safetensors answer (``wire.parts``) sent from the tensors' own memory, under the run's lock: only
+    """A safetensors answer (``framing.parts``) sent from the tensors' own memory, under the run's lock: only
     ``deps.SentUnderLock`` may send it (it sets ``lock_held``; anything else is a ``RuntimeError``).
 
     The server's transport keeps a reference to what it could not send at once and sends it later, and
@@ -60,7 +60,7 @@ class LiveTensorsResponse(Response):
     media_type = SAFETENSORS
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], headers: Mapping[str, str]) -> None:
-        self.pieces = wire.parts(tensors, metadata)
+        self.pieces = framing.parts(tensors, metadata)
         self.lock_held = False
         size = sum(p.nbytes for p in self.pieces)
         super().__init__(None, headers={**headers, "content-length": str(size)})

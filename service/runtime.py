@@ -33,8 +33,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import optim_core
-from optim_core import RunSpec, RunState, codec
+from optim_core import RunSpec, RunState
 from optim_core.run_state import Captured, StepResult
+from optim_format import FormatError, snapshot
 from schemas import RunCreate
 
 from . import payloads
@@ -736,12 +737,12 @@ class RunManager:
             raise RecoveryFailed(f"checkpoint {name!r} cannot be loaded here: {exc}") from None
 
     def _read_state(self, session: Session, key: str, what: str) -> tuple[Any, dict[str, torch.Tensor]]:
-        """A state's blob (snapshot or checkpoint), streamed into tensors of its own (``codec.read``): no copy of
+        """A state's blob (snapshot or checkpoint), streamed into tensors of its own (``optim_format.snapshot.read``): no copy of
         the whole blob in between, and memory aligned as torch allocates it."""
         with self.blobs.reader(session, key) as blob:
             try:
-                return codec.read(blob.size, blob.readinto)
-            except optim_core.EngineError as exc:
+                return snapshot.read(blob.size, blob.readinto)
+            except FormatError as exc:
                 raise RecoveryFailed(f"{what} cannot be loaded here: {exc}") from None
 
     def delete_checkpoint(self, live: Live, name: str) -> None:

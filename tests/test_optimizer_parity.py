@@ -8,9 +8,9 @@ import pytest
 import timm.optim
 import torch
 
-from optim_client import wire
 from optim_core import RunState, Unavailable, get_optimizer, list_optimizers
 from optim_core.catalogue import LOOKAHEAD_PREFIX, TORCH_PREFIX
+from optim_format import framing
 
 from .reference import (
     assert_params_bitwise,
@@ -81,7 +81,7 @@ def _reference(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
 def _as_received(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The gradients as the service decodes a client's body: views of one writable buffer torch allocated,
     the client's order (``aligned_first``) putting most of them at multiples of 64 bytes, the rest not."""
-    return wire.views(wire.encode(wire.aligned_first(grads)))[0]
+    return framing.views(framing.encode(framing.aligned_first(grads)))[0]
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["copied", "donated"])

@@ -6,7 +6,8 @@ import pytest
 import timm.optim
 import torch
 
-from optim_core import RunState, SnapshotError, codec, get_optimizer, list_optimizers
+from optim_core import RunState, SnapshotError, get_optimizer, list_optimizers
+from optim_format import snapshot
 
 from .reference import (
     assert_tree_bitwise,
@@ -108,7 +109,7 @@ def test_digests_recorded_in_the_earlier_format_still_verify() -> None:
     run = RunState(_spec(model, "adamw"), initial_params(model))
     run.apply(make_grads(model, 1)[0], 0)
     captured = run.capture()
-    legacy = codec.digest(captured.meta, captured.tensors, "blake2b")
+    legacy = snapshot.digest(captured.meta, captured.tensors, "blake2b")
     assert run.digest().startswith("xxh3:") and len(legacy) == 64 and ":" not in legacy
     assert run.digest_matches(run.digest()) and run.digest_matches(legacy)
     assert not run.digest_matches(legacy[:-1] + ("0" if legacy[-1] != "0" else "1"))
@@ -117,8 +118,8 @@ def test_digests_recorded_in_the_earlier_format_still_verify() -> None:
 
 
 def _tampered(data: bytes, **changes: object) -> bytes:
-    meta, tensors = codec.unpack(data)
-    return codec.pack({**meta, "__dict__": [[k, changes.get(k, v)] for k, v in meta["__dict__"]]}, tensors)
+    meta, tensors = snapshot.unpack(data)
+    return snapshot.pack({**meta, "__dict__": [[k, changes.get(k, v)] for k, v in meta["__dict__"]]}, tensors)
 
 
 @pytest.mark.parametrize(

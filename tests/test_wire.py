@@ -1,4 +1,4 @@
-"""The wire format: what ``optim_client.wire`` writes is a safetensors file (the library reads it back
+"""The wire format: what ``optim_format.framing`` writes is a safetensors file (the library reads it back
 equal), and its zero-copy reader gives what the library gives, as views of the buffer."""
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from optim_client import wire
-from optim_core import codec
-from optim_core.errors import SnapshotError
+from optim_format import FormatError, framing, snapshot
 from service import payloads
 
 from .reference import bitwise_equal
@@ -40,7 +38,7 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 def test_what_the_encoder_writes_is_read_equal_by_safetensors() -> None:
     tensors = _tensors()
-    data = bytes(wire.encode(tensors, {"t": "3", "lr": "[0.1]"}))
+    data = bytes(framing.encode(tensors, {"t": "3", "lr": "[0.1]"}))
     loaded = st_load(data)
     assert set(loaded) == set(tensors)
     for name, t in tensors.items():
@@ -52,12 +50,12 @@ def test_what_the_encoder_writes_is_read_equal_by_safetensors() -> None:
 def test_views_equal_what_safetensors_loads_and_share_the_buffer(writer: str) -> None:
     tensors = _tensors()
     data = (
-        bytes(wire.encode(tensors, {"k": "v"}))
+        bytes(framing.encode(tensors, {"k": "v"}))
         if writer == "ours"
         else st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"k": "v"})
     )
     buffer = bytearray(data)
-    views, metadata = wire.views(buffer)
+    views, metadata = framing.views(buffer)
     assert metadata == {"k": "v"}
     expected = st_load(data)
     for name, t in expected.items():
@@ -72,22 +70,22 @@ def test_views_equal_what_safetensors_loads_and_share_the_buffer(writer: str) ->
 
 @pytest.mark.parametrize("cut", [0, 7, 12, -1])
 def test_truncated_buffers_are_refused(cut: int) -> None:
-    data = bytes(wire.encode({"w": torch.ones(10)}))
+    data = bytes(framing.encode({"w": torch.ones(10)}))
     with pytest.raises(ValueError):
-        wire.views(bytearray(data[:cut]))
+        framing.views(bytearray(data[:cut]))
 
 
 def test_parts_are_the_file_and_share_the_tensors_memory() -> None:
     tensors = _tensors()
-    pieces = wire.parts(tensors, {"k": "v"})
-    assert b"".join(bytes(p) for p in pieces) == bytes(wire.encode(tensors, {"k": "v"}))
+    pieces = framing.parts(tensors, {"k": "v"})
+    assert b"".join(bytes(p) for p in pieces) == bytes(framing.encode(tensors, {"k": "v"}))
     w = tensors["w"]
     assert torch.frombuffer(pieces[1], dtype=torch.uint8).data_ptr() == w.data_ptr()  # not a copy
 
 
 def test_unsupported_dtypes_are_named() -> None:
     with pytest.raises(TypeError, match="complex64"):
-        wire.encode({"z": torch.zeros(2, dtype=torch.complex64)})
+        framing.encode({"z": torch.zeros(2, dtype=torch.complex64)})
 
 
 def _file(header: object, data: bytes, header_len: int | None = None) -> bytes:
@@ -117,17 +115,17 @@ MALFORMED = {
 
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_the_reader_refuses_what_safetensors_refuses(name: str) -> None:
-    """The service decodes gradients with ``wire.views`` (no copy); it must refuse every file the library does."""
+    """The service decodes gradients with ``framing.views`` (no copy); it must refuse every file the library does."""
     data = MALFORMED[name]
     with pytest.raises(Exception):  # noqa: B017  (safetensors raises several types)
         st_load(data)
     with pytest.raises(ValueError):
-        wire.views(data)
+        framing.views(data)
 
 
 def test_the_reader_accepts_what_safetensors_accepts_in_any_header_order() -> None:
     data = _file({"b": _B, "__metadata__": {"k": "v"}, "w": _W}, struct.pack("<3f", 1.0, 2.0, 3.0))
-    ours, meta = wire.views(data)
+    ours, meta = framing.views(data)
     theirs = st_load(data)
     assert meta == {"k": "v"} and set(ours) == set(theirs) == {"w", "b"}
     assert all(bitwise_equal(ours[k], theirs[k]) for k in theirs)
@@ -149,17 +147,17 @@ def _reader(data: bytes) -> Callable[[memoryview], None]:
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_the_snapshot_reader_refuses_what_safetensors_refuses(name: str) -> None:
     data = MALFORMED[name]
-    with pytest.raises(SnapshotError):
-        codec.read(len(data), _reader(data))
+    with pytest.raises(FormatError):
+        snapshot.read(len(data), _reader(data))
 
 
 def test_the_snapshot_reader_gives_what_unpack_gives_in_memory_aligned_as_torch_allocates() -> None:
-    """Recovery reads snapshots with ``codec.read``: views at a file's offsets may be less aligned than torch's own
+    """Recovery reads snapshots with ``snapshot.read``: views at a file's offsets may be less aligned than torch's own
     memory, and some kernels (timm's kron on AVX-512) then give other bits: every tensor gets memory of its own."""
     tensors = {**_tensors(), "odd": torch.arange(3, dtype=torch.int8), "c": torch.ones(2, dtype=torch.complex64)}
-    data = bytes(codec.pack({"k": [1, 2]}, tensors))
-    meta, got = codec.read(len(data), _reader(data))
-    want_meta, want = codec.unpack(data)
+    data = bytes(snapshot.pack({"k": [1, 2]}, tensors))
+    meta, got = snapshot.read(len(data), _reader(data))
+    want_meta, want = snapshot.unpack(data)
     assert meta == want_meta == {"k": [1, 2]} and set(got) == set(want) == set(tensors)
     assert all(bitwise_equal(got[k], want[k]) for k in want)
     assert all(t.data_ptr() % 64 == 0 for t in got.values() if t.numel())
@@ -170,7 +168,7 @@ def test_a_live_answer_is_its_views_then_a_copied_tail(tail: int) -> None:
     """``LiveTensorsResponse`` sends views of the tensors, but its last ``tail`` bytes as a copy: what the
     server's transport may still hold when the run's lock is released must not change with the next step."""
     tensors = {"a": torch.arange(4, dtype=torch.float32), "empty": torch.zeros(0), "b": torch.arange(3, dtype=torch.float64)}
-    pieces = wire.parts(tensors, {"t": "1"})
+    pieces = framing.parts(tensors, {"t": "1"})
     before = b"".join(bytes(p) for p in pieces)
     views, copied = payloads._split_tail(pieces, tail)
     assert b"".join(bytes(v) for v in views) + copied == before

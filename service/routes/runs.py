@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import optim_core
-from optim_core import codec
+from optim_format import tree
 from schemas import RunCreate, RunList, RunPublic, SchedulePreview, SchedulePublic, ScheduleStep
 
 from .. import payloads
@@ -251,7 +251,7 @@ async def get_average(request: Request, run: RunName, kind: Literal["ema", "swa"
 def _schedule(live: Live) -> SchedulePublic:
     state = live.state
     tensors: dict[str, Any] = {}
-    sched = codec.encode_tree(state.schedule.state_dict(), "", tensors) if state.schedule else None
+    sched = tree.encode_tree(state.schedule.state_dict(), "", tensors) if state.schedule else None
     return SchedulePublic(
         t=state.t, epoch=state.epoch, lr=state.lrs, interval=state.schedule.interval if state.schedule else None, scheduler=sched
     )

@@ -24,19 +24,12 @@ from collections.abc import Mapping
 
 import torch
 
-DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-BY_NAME = {v: k for k, v in DTYPES.items()}
+from .dtypes import TABLE
+from .errors import FormatError
+
+# the dtypes written and read here, by torch dtype and by safetensors code (``dtypes.TABLE``)
+DTYPES: dict[torch.dtype, str] = {d.torch: d.code for d in TABLE if d.framed}
+BY_CODE: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPES.items()}
 ALIGN = 64  # torch's CPU allocator's alignment
 
 # views of a read-only ``bytes`` body are only ever read (copied from); torch warns once that it could be written
@@ -103,43 +96,43 @@ Entry = tuple[int, int, str, torch.dtype, list[int]]  # data offsets [begin, end
 
 
 def parse_header(
-    raw: bytes | bytearray | memoryview, data_size: int, dtypes: Mapping[str, torch.dtype] = BY_NAME
+    raw: bytes | bytearray | memoryview, data_size: int, dtypes: Mapping[str, torch.dtype] = BY_CODE
 ) -> tuple[list[Entry], dict[str, str]]:
     """A safetensors header (the JSON after the 8-byte length), checked as strictly as safetensors checks
     it against ``data_size`` bytes of data: a JSON object of known dtypes, non-negative integer shapes,
     and data offsets that fit the shape and tile the data exactly, in order, with neither gap nor
-    overlap. Its tensors in the order of their data, and its metadata; any other header is a ``ValueError``.
+    overlap. Its tensors in the order of their data, and its metadata; any other header is a ``FormatError`` (a ``ValueError``).
     """
     try:
         header = json.loads(bytes(raw))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"the header is not JSON: {exc}") from None
+        raise FormatError(f"the header is not JSON: {exc}") from None
     if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
+        raise FormatError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError("__metadata__ must map names to strings")
+        raise FormatError("__metadata__ must map names to strings")
     entries: list[Entry] = []
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ValueError(f"tensor {name!r}: an entry is {{dtype, shape, data_offsets}}")
+            raise FormatError(f"tensor {name!r}: an entry is {{dtype, shape, data_offsets}}")
         dtype = dtypes.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
-            raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {sorted(dtypes)}")
+            raise FormatError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {sorted(dtypes)}")
         shape, offsets = info["shape"], info["data_offsets"]
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-            raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+            raise FormatError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
-            raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+            raise FormatError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
         entries.append((offsets[0], offsets[1], name, dtype, shape))
     entries.sort(key=lambda e: (e[0], e[1]))
     expected = 0
     for begin, end, name, dtype, shape in entries:
         if begin != expected or end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
-            raise ValueError(f"tensor {name!r}: data_offsets [{begin}, {end}] do not follow the previous tensor or fit {shape}")
+            raise FormatError(f"tensor {name!r}: data_offsets [{begin}, {end}] do not follow the previous tensor or fit {shape}")
         expected = end
     if expected != data_size:
-        raise ValueError(f"the tensors cover {expected} bytes of data; there are {data_size}")
+        raise FormatError(f"the tensors cover {expected} bytes of data; there are {data_size}")
     return entries, metadata
 
 
@@ -152,10 +145,10 @@ def views(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tenso
     most of them stay there)."""
     view = memoryview(buffer).cast("B")
     if len(view) < 8:
-        raise ValueError(f"{len(view)} bytes is not a safetensors file (an 8-byte header length comes first)")
+        raise FormatError(f"{len(view)} bytes is not a safetensors file (an 8-byte header length comes first)")
     (header_len,) = struct.unpack_from("<Q", view, 0)
     if header_len > len(view) - 8:
-        raise ValueError(f"the header length {header_len} runs past the end of the {len(view)}-byte body")
+        raise FormatError(f"the header length {header_len} runs past the end of the {len(view)}-byte body")
     start = 8 + header_len
     entries, metadata = parse_header(view[8:start], len(view) - start)
     out: dict[str, torch.Tensor] = {}

@@ -1,0 +1,81 @@
+"""State trees <-> (JSON, named tensors).
+
+Optimizer and scheduler ``state_dict``s are trees of dicts, lists, tuples, numbers, strings and tensors.
+``encode_tree`` turns one into plain JSON in which every tensor is replaced by a reference to a named
+tensor, so a snapshot is a safetensors file (the tensors) whose metadata holds the JSON (everything
+else). Nothing is pickled; ``decode_tree`` accepts only the types it wrote.
+
+Dicts are written as sorted ``[key, value]`` pairs so that the same state always gives the same
+bytes: the digest of a resumed run must equal that of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import dtypes
+from .errors import FormatError
+
+
+def _key_order(key: Any) -> tuple[str, str]:
+    return (type(key).__name__, str(key))
+
+
+def encode_tree(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Return a JSON-able copy of ``obj``; tensors go to ``tensors`` under a key derived from ``path``."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, torch.Tensor):
+        if path in tensors:
+            raise FormatError(f"two tensors would be stored under {path!r}")
+        tensors[path] = obj.detach()
+        return {"__tensor__": path}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": dtypes.name_of(obj)}
+    if isinstance(obj, torch.device):
+        return {"__device__": str(obj)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_tree(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_tree(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        items = sorted(obj.items(), key=lambda kv: _key_order(kv[0]))
+        pairs = []
+        for k, v in items:
+            if not isinstance(k, (str, int)):
+                raise FormatError(f"cannot store a key of type {type(k).__name__} at {path!r}")
+            pairs.append([k, encode_tree(v, f"{path}/{k}", tensors)])
+        return {"__dict__": pairs}
+    raise FormatError(f"cannot store a value of type {type(obj).__name__} at {path!r}")
+
+
+def decode_tree(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_tree`."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [decode_tree(v, tensors) for v in obj]
+    if isinstance(obj, dict) and len(obj) == 1:
+        ((tag, value),) = obj.items()
+        if tag == "__tensor__":
+            try:
+                return tensors[value]
+            except KeyError:
+                raise FormatError(f"snapshot refers to a missing tensor {value!r}") from None
+        if tag == "__float__":
+            return float(value)
+        if tag == "__dtype__":
+            return dtypes.parse(value)
+        if tag == "__device__":
+            return torch.device(value)
+        if tag == "__tuple__":
+            return tuple(decode_tree(v, tensors) for v in value)
+        if tag == "__dict__":
+            return {k: decode_tree(v, tensors) for k, v in value}
+    raise FormatError(f"unexpected value in snapshot: {str(obj)[:80]}")
