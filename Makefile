@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test lint unit format clean bench
+.PHONY: install serve test test-fast lint format clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -n auto -q
+
+# the engine and the service in this process (no server processes, no kill -9): a few minutes
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n auto -q -m "not slow" tests/engine tests/service
 
 # what hosting the optimizer costs, against in-process and the alternatives (~15 min; see bench/README.md)
 bench: $(STAMP)

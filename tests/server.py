@@ -37,7 +37,10 @@ def _pg_reachable() -> tuple[bool, str]:
 
 
 PG_AVAILABLE, PG_REASON = _pg_reachable()
-DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_AVAILABLE, reason=PG_REASON))]
+DATABASES = [
+    "sqlite",
+    pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.skipif(not PG_AVAILABLE, reason=PG_REASON)]),
+]
 BLOB_STORES = ["database", "directory"]
 
 

@@ -18,7 +18,7 @@ from optim_core import (
     UnknownName,
 )
 
-from .reference import bitwise_equal, initial_params, make_grads, make_model, manifest
+from ..reference import bitwise_equal, initial_params, make_grads, make_model, manifest
 
 
 def _spec(model: torch.nn.Module, **changes: Any) -> dict[str, Any]:

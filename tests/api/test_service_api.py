@@ -20,8 +20,8 @@ import torch
 from timm.scheduler import create_scheduler_v2
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .reference import bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
-from .server import DATABASES, Server, database, decode, encode
+from ..reference import bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
+from ..server import DATABASES, Server, database, decode, encode
 
 
 @pytest.fixture(scope="module", params=DATABASES)

@@ -27,10 +27,10 @@ from typer.testing import CliRunner
 from optim_client import OptimServiceError, RemoteOptimizer
 from service.cli import cli
 
-from .reference import bitwise_equal, make_model
-from .server import Server, database
+from ..reference import bitwise_equal, make_model
+from ..server import Server, database
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from torch.optim import lr_scheduler as L
 from optim_core import RunState
 from optim_core.schedulers import TIMM_SCHEDULERS, TORCH_SCHEDULERS
 
-from .reference import assert_params_bitwise, initial_params, make_grads, make_model, manifest, set_grads
+from ..reference import assert_params_bitwise, initial_params, make_grads, make_model, manifest, set_grads
 
 STEPS, EPOCH_LEN = 30, 5
 # a loss that improves, then stalls: plateau schedulers have something to decide

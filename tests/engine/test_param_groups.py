@@ -10,7 +10,7 @@ import torch
 
 from optim_core import RunState, SpecError
 
-from .reference import initial_params, make_model, manifest
+from ..reference import initial_params, make_model, manifest
 
 LAYER_RULE = {"stem": "^embed|^norm", "blocks": [[r"^blocks\.(\d+)", None]], "head": [["^head", [99999]]]}
 

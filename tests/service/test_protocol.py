@@ -15,7 +15,8 @@ import pytest
 import uvicorn
 
 from service.protocol import BodyProtocol
-from tests.server import free_port
+
+from ..server import free_port
 
 received: list[tuple[str, int]] = []  # (type of each body message, its length)
 gate = threading.Event()

@@ -16,7 +16,7 @@ from safetensors.torch import save as st_save
 from optim_format import FormatError, framing, snapshot
 from service import payloads
 
-from .reference import bitwise_equal
+from ..reference import bitwise_equal
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 
 from optim_core import RunState, SpecError
 
-from .reference import assert_params_bitwise, bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
+from ..reference import assert_params_bitwise, bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
 
 STEPS = 24
 

@@ -28,8 +28,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from service.db import SQLITE_PAGE_SIZE, alembic_config
 
-from .reference import assert_tree_bitwise, bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
-from .server import BLOB_STORES, DATABASES, Server, database, decode, encode, migrate
+from ..reference import assert_tree_bitwise, bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
+from ..server import BLOB_STORES, DATABASES, Server, database, decode, encode, migrate
 
 STEPS = 110
 SPEC: dict[str, Any] = {

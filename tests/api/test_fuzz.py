@@ -12,8 +12,8 @@ import schemathesis
 
 from service.app import create_app
 
-from .reference import initial_params, make_model, manifest
-from .server import Server, database, encode
+from ..reference import initial_params, make_model, manifest
+from ..server import Server, database, encode
 
 EXAMPLES = 30  # per operation, without shrinking: bounded in time (seconds each)
 FUZZ = hypothesis.settings(

@@ -12,7 +12,7 @@ from optim_core import RunState, Unavailable, get_optimizer, list_optimizers
 from optim_core.catalogue import LOOKAHEAD_PREFIX, TORCH_PREFIX
 from optim_format import framing
 
-from .reference import (
+from ..reference import (
     assert_params_bitwise,
     assert_tree_bitwise,
     initial_params,

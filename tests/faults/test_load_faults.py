@@ -17,8 +17,8 @@ import pytest
 import timm.optim
 import torch
 
-from .reference import bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
-from .server import Server, database, decode, encode, free_port, migrate
+from ..reference import bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
+from ..server import Server, database, decode, encode, free_port, migrate
 
 STEPS = 25
 

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 
 from service.auth import is_loopback
 
-from .reference import initial_params, make_grads, make_model, manifest
-from .server import Server, database, encode
+from ..reference import initial_params, make_grads, make_model, manifest
+from ..server import Server, database, encode
 
 
 def _key(url: str, tmp: Path, tenant: str) -> str:

@@ -15,7 +15,7 @@ from service.db import make_engine, make_sessionmaker
 from service.models import BlobChunk
 from service.settings import Settings
 
-from .server import DATABASES, database
+from ..server import DATABASES, database
 
 # parts around the database store's row size (8 bytes here): inside one row, exactly one, across rows, empty
 PARTS = {

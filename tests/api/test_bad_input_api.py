@@ -13,8 +13,8 @@ import httpx
 import pytest
 import torch
 
-from .reference import initial_params, make_grads, make_model, manifest
-from .server import Server, database, encode
+from ..reference import initial_params, make_grads, make_model, manifest
+from ..server import Server, database, encode
 
 LIMIT = 1024 * 1024
 

@@ -9,7 +9,7 @@ import torch
 from optim_core import RunState, SnapshotError, get_optimizer, list_optimizers
 from optim_format import snapshot
 
-from .reference import (
+from ..reference import (
     assert_tree_bitwise,
     bitwise_equal,
     initial_params,
