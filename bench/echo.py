@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request, Response  # noqa: E402
 
 from optim_client.transport import Transport, TransportError  # noqa: E402
 from service import allocator  # noqa: E402
-from service.deps import read_body  # noqa: E402
+from service.bodies import read_body  # noqa: E402
 from service.protocol import BodyProtocol  # noqa: E402
 
 app = FastAPI()

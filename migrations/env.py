@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from service.db import make_engine
-from service.models import Base
 from service.settings import Settings
+from service.storage.database import make_engine
+from service.storage.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -14,6 +14,7 @@ from .runs import (
     SchedulePublic,
     ScheduleStep,
 )
+from .spec import RunSpecBody
 
 __all__ = [
     "CheckpointCreate",
@@ -25,6 +26,7 @@ __all__ = [
     "RunCreate",
     "RunList",
     "RunPublic",
+    "RunSpecBody",
     "SchedulePreview",
     "SchedulePublic",
     "ScheduleStep",

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .spec import RunSpecBody
+
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 Durability = Literal["log", "snapshot"]
 
@@ -22,7 +24,7 @@ class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=RUN_NAME_PATTERN, description="Letters, digits, '_.-'; at most 128 characters.")
-    spec: dict[str, Any] = Field(description="params (manifest), optimizer, param_groups, scheduler, ema, swa, nonfinite, seed")
+    spec: RunSpecBody
     durability: Durability = Field(
         default="log",
         description="log: every step is committed before it is acknowledged. snapshot: only snapshots are "
@@ -31,19 +33,32 @@ class RunCreate(BaseModel):
     snapshot_every: int | None = Field(default=None, ge=1, le=10_000_000, description="Steps between snapshots.")
     params: dict[str, Any] | None = Field(default=None, description="Initial values as nested lists (JSON bodies only).")
 
+    def spec_dict(self) -> dict[str, Any]:
+        return self.spec.to_engine()
+
 
 class RunPublic(BaseModel):
+    """A run as the database tells it (listing runs loads none of them)."""
+
     name: str
     t: int
     epoch: int
-    lr: list[float]
+    lr: list[float | None] | None = Field(
+        description="LR per group; null for a group whose optimizer has none (timm's relative-step Adafactor)."
+    )
     durability: Durability
     snapshot_every: int
     last_snapshot_t: int | None
-    skipped_steps: int
+    last_snapshot_at: datetime | None = None
+    skipped_steps: int = Field(description="Steps skipped for NaN/Inf gradients (nonfinite: skip).")
+    rejected_steps: int = Field(description="Step requests refused (4xx): stale or bad gradients.")
     groups: list[dict[str, Any]] = Field(description="The optimizer's param groups: parameter names and options.")
+    group_sizes: list[int] = Field(description="Elements in each group.")
+    state_bytes: int = Field(description="Bytes of the state: parameters, optimizer state, averages.")
+    live: bool = Field(description="Whether the run's state is in this server's memory now.")
     spec: dict[str, Any]
     created_at: datetime | None = None
+    updated_at: datetime | None = None
 
 
 class RunList(BaseModel):

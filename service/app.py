@@ -1,56 +1,62 @@
-"""The FastAPI application: settings, engine and the run manager are created in the lifespan."""
+"""The FastAPI application: settings, the database, the blob store and the run registry are made in its lifespan;
+one handler renders every error."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import optim_core
+from schemas import RunCreate
 
 from .auth import LOCAL_TENANT, is_loopback
-from .blobs import BlobStore, DatabaseBlobStore, DirectoryBlobStore
-from .db import make_engine, make_sessionmaker, schema_status
-from .deps import RunLocks
 from .errors import ServiceError, from_engine
-from .routes import checkpoints, health, runs
-from .runtime import RunManager
+from .routes import checkpoints, health, runs, schedule, steps
+from .runs import RunContext, RunRegistry, Snapshots
 from .settings import Settings
+from .stepper import Stepper
+from .storage import Database, make_blob_store, make_engine, require_schema
 
 log = logging.getLogger("optim_service")
 
 
-class SchemaNotAtHead(RuntimeError):
-    pass
+def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", live_answers: bool = False) -> FastAPI:
+    """``live_answers``: a step's answer is sent from the live parameters (``payloads.LiveTensorsResponse``),
+    which is safe only under the server ``service.cli serve`` runs (uvicorn's flow control, ``BodyProtocol``);
+    otherwise answers are copies."""
 
-
-def make_blob_store(settings: Settings) -> BlobStore:
-    if settings.blob_store == "directory":
-        return DirectoryBlobStore(settings.blob_dir, spare_bytes=settings.blob_spare_bytes)
-    return DatabaseBlobStore(settings.blob_chunk_bytes)
-
-
-def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1") -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cfg = settings or Settings()
         engine = make_engine(cfg)
-        current, head = schema_status(engine, cfg.database_url)
-        if current != head:
+        try:
+            require_schema(engine, cfg)
+        except BaseException:
             engine.dispose()
-            raise SchemaNotAtHead(
-                f"the database schema is at {current or 'nothing'}, this code needs {head}: run `optim-service migrate` first"
-            )
-        manager = RunManager(cfg, make_sessionmaker(engine), make_blob_store(cfg))
-        removed = manager.collect_garbage()
+            raise
+        db = Database(engine)
+        ctx = RunContext(
+            settings=cfg,
+            db=db,
+            blobs=make_blob_store(cfg),
+            stepper=Stepper(cfg.steppers, cfg.step_threads),
+            device=optim_core.pick_device(cfg.device),
+        )
+        snapshots = Snapshots(ctx)
+        registry = RunRegistry(ctx, snapshots)
+        with db.write("collecting unreferenced blobs") as repo:
+            removed = ctx.blobs.collect(repo)
         if removed:
             log.info("removed %d unreferenced blobs", removed)
-        app.state.settings, app.state.engine, app.state.manager, app.state.locks = cfg, engine, manager, RunLocks()
+        app.state.settings, app.state.registry, app.state.live_answers = cfg, registry, live_answers
         app.state.auth_required = cfg.auth == "required" or not is_loopback(host)
         if app.state.auth_required:
             log.info("authentication on: requests need Authorization: Bearer <key> (optim-service keys create --tenant T)")
@@ -62,14 +68,19 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1") -> 
                 LOCAL_TENANT,
             )
         log.info(
-            "optim-service ready: device=%s database=%s blobs=%s", manager.device, cfg.database_url.split("@")[-1], cfg.blob_store
+            "optim-service ready: device=%s database=%s blobs=%s live memory budget=%d bytes",
+            ctx.device,
+            cfg.database_url.split("@")[-1],
+            cfg.blob_store,
+            registry.budget,
         )
         try:
             yield
         finally:
-            manager.flush_all()
-            manager.close()
-            engine.dispose()
+            await registry.drop_all()
+            snapshots.close()
+            ctx.close()
+            db.close()
 
     app = FastAPI(
         title="optim-service",
@@ -95,7 +106,25 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1") -> 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": "HTTPError", "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    app.include_router(health.router)
-    app.include_router(runs.router)
-    app.include_router(checkpoints.router)
+    for module in (health, runs, steps, schedule, checkpoints):
+        app.include_router(module.router)
+
+    def openapi() -> dict[str, Any]:
+        """The generated document, with the run spec's models (``POST /runs`` reads its body itself: JSON or
+        safetensors) and the catalogue's optimizer names."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            schema = RunCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components["RunCreate"] = schema
+            names = sorted(e.name for e in optim_core.list_optimizers())
+            components["OptimizerSpec"]["properties"]["name"]["enum"] = names
+            for form in components["RunSpecBody"]["properties"]["optimizer"]["anyOf"]:
+                if form.get("type") == "string":  # the optimizer given by its name alone
+                    form["enum"] = names
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -6,12 +6,10 @@ import logging
 from typing import Any
 
 import typer
-from alembic import command
 
 from optim_client.cli import checkpoints_app, runs_app
 
 from . import allocator
-from .db import alembic_config
 from .settings import Settings
 
 cli = typer.Typer(help="optim-service: the optimizer of a training run, hosted.", no_args_is_help=True)
@@ -36,7 +34,7 @@ def serve(
     if settings.tune_allocator:
         allocator.tune()
     uvicorn.run(
-        create_app(settings, host=host),
+        create_app(settings, host=host, live_answers=True),
         host=host,
         port=port,
         log_level=log_level,
@@ -49,31 +47,22 @@ def serve(
 @cli.command()
 def migrate(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Upgrade the database (OPTIM_DATABASE_URL) to the latest schema."""
-    settings = Settings()
-    if settings.is_sqlite:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(settings.database_url), revision)
-    typer.echo(f"database at {revision}")
-    if settings.is_sqlite:
-        from .db import make_engine, upgrade_sqlite_pages
+    from .storage import migrate as upgrade
 
-        engine = make_engine(settings)
-        try:
-            rebuilt = upgrade_sqlite_pages(engine)
-        finally:
-            engine.dispose()
-        if rebuilt:
-            typer.echo(f"SQLite pages: {rebuilt[0]} -> {rebuilt[1]} bytes (the file was rebuilt: blob writes are ~3x faster)")
+    rebuilt = upgrade(Settings(), revision)
+    typer.echo(f"database at {revision}")
+    if rebuilt:
+        typer.echo(f"SQLite pages: {rebuilt[0]} -> {rebuilt[1]} bytes (the file was rebuilt: blob writes are ~3x faster)")
 
 
 keys_app = typer.Typer(help="API keys (stored hashed; a key is shown once).", no_args_is_help=True)
 cli.add_typer(keys_app, name="keys")
 
 
-def _sessions() -> Any:
-    from .db import make_engine, make_sessionmaker
+def _database() -> Any:
+    from .storage import Database, make_engine
 
-    return make_sessionmaker(make_engine(Settings()))
+    return Database(make_engine(Settings()))
 
 
 @keys_app.command("create")
@@ -81,9 +70,9 @@ def keys_create(tenant: str = typer.Option(..., "--tenant", help="The tenant the
     """Create an API key for a tenant and print it (it is not shown again)."""
     from .auth import create_key
 
-    with _sessions()() as session, session.begin():
+    with _database().write("creating an API key") as repo:
         try:
-            key = create_key(session, tenant)
+            key = create_key(repo, tenant)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     typer.echo(key)
@@ -92,12 +81,8 @@ def keys_create(tenant: str = typer.Option(..., "--tenant", help="The tenant the
 @keys_app.command("list")
 def keys_list() -> None:
     """Every key: tenant, prefix, created, revoked."""
-    from sqlalchemy import select
-
-    from .models import ApiKey
-
-    with _sessions()() as session:
-        for k in session.execute(select(ApiKey).order_by(ApiKey.id)).scalars():
+    with _database().read("listing API keys") as repo:
+        for k in repo.api_keys():
             state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
             typer.echo(f"{k.tenant}\t{k.prefix}\t{k.created_at}\t{state}")
 
@@ -105,10 +90,8 @@ def keys_list() -> None:
 @keys_app.command("revoke")
 def keys_revoke(prefix: str) -> None:
     """Revoke the key that starts with PREFIX (as `keys list` shows it)."""
-    from .auth import revoke
-
-    with _sessions()() as session, session.begin():
-        count = revoke(session, prefix)
+    with _database().write("revoking API keys") as repo:
+        count = repo.revoke_api_keys(prefix)
     typer.echo(f"revoked {count} key(s)")
     if not count:
         raise typer.Exit(1)

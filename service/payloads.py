@@ -47,7 +47,7 @@ TAIL_BYTES = 1 << 20
 
 class LiveTensorsResponse(Response):
     """A safetensors answer (``framing.parts``) sent from the tensors' own memory, under the run's lock: only
-    ``deps.SentUnderLock`` may send it (it sets ``lock_held``; anything else is a ``RuntimeError``).
+    ``RunRegistry.answer`` may send it (it sets ``lock_held``; anything else is a ``RuntimeError``).
 
     The server's transport keeps a reference to what it could not send at once and sends it later, and
     the next step changes the parameters in place: every viewed byte must be with the kernel before the lock
@@ -67,7 +67,7 @@ class LiveTensorsResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.lock_held:  # sent after the lock was released, it could carry half of the next step
-            raise RuntimeError("a LiveTensorsResponse must be returned through deps.SentUnderLock")
+            raise RuntimeError("a LiveTensorsResponse must be sent through RunRegistry.answer")
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         views, tail = _split_tail(self.pieces, TAIL_BYTES)
         for view in views:

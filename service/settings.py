@@ -17,6 +17,13 @@ class Settings(BaseSettings):
         default="sqlite:///./data/optim.db",
         description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db",
     )
+    database_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="How long a request waits for the database (SQLite's write lock, a PostgreSQL connection) before "
+        "it is answered 503 with Retry-After.",
+    )
     data_dir: Path = Field(default=Path("./data"), description="Where the directory blob store and the SQLite file live.")
     blob_store: Literal["database", "directory"] = Field(
         default="database", description="Where tensors (step log, snapshots, checkpoints) are kept."
@@ -37,6 +44,12 @@ class Settings(BaseSettings):
         default="auto", description="auto: API keys required unless the server listens on loopback only."
     )
     max_tensors: int = Field(default=100_000, ge=1, description="Most parameter tensors a run may have.")
+    max_live_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Bytes of run state kept in memory: past it the least recently used idle runs are dropped (their "
+        "state is durable) and loaded again when next asked for. Default: half of the device's memory.",
+    )
     device: str | None = Field(default=None, description="Torch device to step on; default CUDA when present, else CPU.")
     steppers: int = Field(
         default=1, ge=1, le=256, description="Threads the optimizer steps run on (each with a team of OPTIM_STEP_THREADS)."

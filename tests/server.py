@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,12 +20,11 @@ import httpx
 import psycopg
 import pytest
 import torch
-from alembic import command
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from service.db import alembic_config, make_engine
 from service.settings import Settings
+from service.storage import migrate as upgrade
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -65,9 +66,7 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
 
 
 def migrate(url: str, tmp: Path, revision: str = "head") -> None:
-    settings = Settings(database_url=url, data_dir=tmp)
-    make_engine(settings).dispose()
-    command.upgrade(alembic_config(settings.database_url), revision)
+    upgrade(Settings(database_url=url, data_dir=tmp), revision)
 
 
 def free_port() -> int:
@@ -150,3 +149,43 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
 
 def decode(data: bytes) -> dict[str, torch.Tensor]:
     return st_load(data)
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb in a temporary directory), which it may stop and start."""
+
+    def __init__(self) -> None:
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not versions or shutil.which("runuser") is None:
+            pytest.fail("no PostgreSQL binaries (initdb) or runuser here")
+        self.bindir = versions[-1].parent
+        self.root = Path(tempfile.mkdtemp(prefix="optim-pg-"))
+        os.chmod(self.root, 0o755)
+        shutil.chown(self.root, "postgres", "postgres")
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_pg = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            [*self._as_pg, str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+        )
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*self._as_pg, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w", *args],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        self._ctl("-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._ctl("-m", mode, "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from functools import partial
-
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from schemas import CheckpointCreate, CheckpointList, CheckpointPublic, Fork, Rollback, RunPublic
 
-from ..deps import ManagerDep, RunName, TenantDep, on_run
+from ..deps import RegistryDep, RunName, TenantDep
 from ..errors import RunConflict
-from ..models import Checkpoint
-from ..runtime import Live, RunManager
-from .runs import run_public, torch_bytes
+from ..runs import Live, history, lifecycle
+from ..storage.models import Checkpoint
+from .steps import torch_bytes
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -23,21 +21,23 @@ def _public(c: Checkpoint) -> CheckpointPublic:
 
 
 @router.post("/runs/{run}/checkpoints", status_code=201, response_model=CheckpointPublic, summary="Save a named checkpoint")
-async def create_checkpoint(
-    request: Request, run: RunName, body: CheckpointCreate, manager: ManagerDep, tenant: TenantDep
-) -> CheckpointPublic:
-    return _public(await on_run(request, tenant, run, manager.create_checkpoint, body.name))
+async def create_checkpoint(run: RunName, body: CheckpointCreate, registry: RegistryDep, tenant: TenantDep) -> CheckpointPublic:
+    def work(live: Live) -> Checkpoint:
+        return history.create_checkpoint(registry.ctx, registry.snapshots, live, body.name)
+
+    # a read hold: the checkpoint reads the state; writers (steps) wait until it is written
+    return _public(await registry.call(tenant, run, work))
 
 
 @router.get("/runs/{run}/checkpoints", response_model=CheckpointList, summary="The run's checkpoints")
-async def list_checkpoints(request: Request, run: RunName, manager: ManagerDep, tenant: TenantDep) -> CheckpointList:
-    rows = await on_run(request, tenant, run, manager.list_checkpoints)
+async def list_checkpoints(run: RunName, registry: RegistryDep, tenant: TenantDep) -> CheckpointList:
+    rows = await registry.call(tenant, run, lambda live: history.checkpoints(registry.ctx, live))
     return CheckpointList(checkpoints=[_public(c) for c in rows])
 
 
 @router.delete("/runs/{run}/checkpoints/{name}", status_code=204, summary="Delete a checkpoint")
-async def delete_checkpoint(request: Request, run: RunName, name: RunName, manager: ManagerDep, tenant: TenantDep) -> Response:
-    await on_run(request, tenant, run, manager.delete_checkpoint, name)
+async def delete_checkpoint(run: RunName, name: RunName, registry: RegistryDep, tenant: TenantDep) -> Response:
+    await registry.call(tenant, run, lambda live: history.delete_checkpoint(registry.ctx, live, name), write=True)
     return Response(status_code=204)
 
 
@@ -46,39 +46,41 @@ async def delete_checkpoint(request: Request, run: RunName, name: RunName, manag
     summary="A .pt file for plain torch/timm (torch.load(..., weights_only=True))",
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-async def export_checkpoint(request: Request, run: RunName, name: RunName, manager: ManagerDep, tenant: TenantDep) -> Response:
-    def work(live: Live) -> bytes:
-        _, state = manager.checkpoint_state(live, name)
-        return torch_bytes(state.export())
-
-    data = await on_run(request, tenant, run, work)
+async def export_checkpoint(run: RunName, name: RunName, registry: RegistryDep, tenant: TenantDep) -> Response:
+    exported = await registry.call(tenant, run, lambda live: history.export_checkpoint(registry.ctx, live, name))
     return Response(
-        data, media_type="application/octet-stream", headers={"Content-Disposition": f'attachment; filename="{run}-{name}.pt"'}
+        await run_in_threadpool(torch_bytes, exported),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{run}-{name}.pt"'},
     )
 
 
 @router.post("/runs/{run}/rollback", response_model=RunPublic, summary="Return the run to a checkpoint")
-async def rollback(request: Request, run: RunName, body: Rollback, manager: ManagerDep, tenant: TenantDep) -> RunPublic:
-    return run_public(await on_run(request, tenant, run, manager.rollback, body.checkpoint))
+async def rollback(run: RunName, body: Rollback, registry: RegistryDep, tenant: TenantDep) -> RunPublic:
+    def work(live: Live) -> Live:
+        return history.rollback(registry.ctx, registry.snapshots, live, body.checkpoint)
+
+    await registry.call(tenant, run, work, write=True)
+    return await lifecycle.describe(registry, tenant, run)
 
 
 @router.post("/runs/{run}/fork", status_code=201, response_model=RunPublic, summary="A new run from a checkpoint")
-async def fork(request: Request, run: RunName, body: Fork, tenant: TenantDep) -> RunPublic:
-    manager: RunManager = request.app.state.manager
+async def fork(run: RunName, body: Fork, registry: RegistryDep, tenant: TenantDep) -> RunPublic:
     if body.name == run:
         raise RunConflict(f"run {run!r} already exists: a fork needs a new name")
-    # both runs' locks, always taken in the same order, so that concurrent forks cannot deadlock
-    first, second = sorted((run, body.name))
-    async with request.app.state.locks(tenant, first), request.app.state.locks(tenant, second):
-        live = await run_in_threadpool(manager.get, tenant, run)
-        forked = await run_in_threadpool(
-            partial(
-                manager.fork,
-                live,
-                checkpoint=body.checkpoint,
-                name=body.name,
-                durability=body.durability,
-                snapshot_every=body.snapshot_every,
-            )
+    # the source read, the new name written; both held, always in the same order, so that forks cannot deadlock
+    holds = {run: {"write": False, "load": True}, body.name: {"write": True, "load": False}}
+    first, second = sorted(holds)
+    async with registry.hold(tenant, first, **holds[first]), registry.hold(tenant, second, **holds[second]):
+        source = registry.live(tenant, run)
+        assert source is not None
+        row = await run_in_threadpool(
+            history.fork,
+            registry.ctx,
+            source,
+            checkpoint=body.checkpoint,
+            name=body.name,
+            durability=body.durability,
+            snapshot_every=body.snapshot_every,
         )
-        return run_public(forked)
+    return lifecycle.public(row, None)

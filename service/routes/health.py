@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 import optim_core
 
-from ..db import schema_status
+from ..storage.database import schema_status
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +25,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="The database answers and its schema is at head")
 async def readyz(request: Request) -> JSONResponse:
     def check() -> tuple[bool, str]:
-        engine = request.app.state.engine
+        engine = request.app.state.registry.ctx.db.engine
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))

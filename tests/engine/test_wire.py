@@ -3,7 +3,6 @@ equal), and its zero-copy reader gives what the library gives, as views of the b
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 from collections.abc import Callable
@@ -14,7 +13,6 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from optim_format import FormatError, framing, snapshot
-from service import payloads
 
 from ..reference import bitwise_equal
 
@@ -161,32 +159,3 @@ def test_the_snapshot_reader_gives_what_unpack_gives_in_memory_aligned_as_torch_
     assert meta == want_meta == {"k": [1, 2]} and set(got) == set(want) == set(tensors)
     assert all(bitwise_equal(got[k], want[k]) for k in want)
     assert all(t.data_ptr() % 64 == 0 for t in got.values() if t.numel())
-
-
-@pytest.mark.parametrize("tail", [0, 1, 8, 23, 40, 1000])
-def test_a_live_answer_is_its_views_then_a_copied_tail(tail: int) -> None:
-    """``LiveTensorsResponse`` sends views of the tensors, but its last ``tail`` bytes as a copy: what the
-    server's transport may still hold when the run's lock is released must not change with the next step."""
-    tensors = {"a": torch.arange(4, dtype=torch.float32), "empty": torch.zeros(0), "b": torch.arange(3, dtype=torch.float64)}
-    pieces = framing.parts(tensors, {"t": "1"})
-    before = b"".join(bytes(p) for p in pieces)
-    views, copied = payloads._split_tail(pieces, tail)
-    assert b"".join(bytes(v) for v in views) + copied == before
-    assert len(copied) == min(tail, len(before)) and all(v.nbytes for v in views)
-    for t in tensors.values():
-        t.add_(100)  # the next step, in place
-    assert copied == before[len(before) - len(copied) :]
-    if tail == 0:
-        assert b"".join(bytes(v) for v in views) != before  # views, not copies: the next step shows through them
-
-
-def test_a_live_answer_is_refused_outside_the_run_s_lock() -> None:
-    response = payloads.LiveTensorsResponse({"a": torch.ones(2)}, {}, {})
-    sent: list[object] = []
-
-    async def send(message: object) -> None:
-        sent.append(message)
-
-    with pytest.raises(RuntimeError, match="SentUnderLock"):
-        asyncio.run(response({"type": "http"}, None, send))  # type: ignore[arg-type]
-    assert sent == []

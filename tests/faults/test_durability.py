@@ -26,7 +26,7 @@ from alembic import command
 from timm.scheduler import create_scheduler_v2
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from service.db import SQLITE_PAGE_SIZE, alembic_config
+from service.storage.database import SQLITE_PAGE_SIZE, alembic_config
 
 from ..reference import assert_tree_bitwise, bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
 from ..server import BLOB_STORES, DATABASES, Server, database, decode, encode, migrate
@@ -183,7 +183,10 @@ def test_a_log_that_does_not_reproduce_is_refused_loudly(tmp_path: Path) -> None
         engine.dispose()
         server.start()
         with server.client() as client:
-            r = client.get("/runs/tampered")
+            # describing and listing read the database alone: they still answer, and say where the run stands
+            assert client.get("/runs/tampered").json()["t"] == 3
+            assert [r["name"] for r in client.get("/runs").json()["runs"]] == ["tampered"]
+            r = client.get("/runs/tampered/params")  # its state must be recovered: refused
             assert r.status_code == 500 and r.json()["error"] == "RecoveryFailed"
             assert "does not reproduce" in r.json()["detail"] and "t=1" in r.json()["detail"]
             assert client.post("/runs/tampered/step", params={"t": 3}, content=encode(grads[0])).status_code == 500
@@ -225,9 +228,9 @@ def test_migrations_up_down_up_and_no_drift(db: str, tmp_path: Path) -> None:
 
 def test_server_refuses_a_database_that_is_not_at_head(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    migrate(url, tmp_path, revision="base")
+    migrate(url, tmp_path, revision="0002")
     server = Server(url, tmp_path)
-    with pytest.raises(RuntimeError, match="optim-service migrate"):
+    with pytest.raises(RuntimeError, match=f"OPTIM_DATABASE_URL={url} optim-service migrate"):
         server.start(timeout=60)
 
 

@@ -18,7 +18,7 @@ import timm.optim
 import torch
 
 from ..reference import bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
-from ..server import Server, database, decode, encode, free_port, migrate
+from ..server import PrivatePostgres, Server, database, decode, encode, migrate
 
 STEPS = 25
 
@@ -96,46 +96,6 @@ def test_16_workers_on_8_runs(tmp_path: Path) -> None:
         t, params = final[name]
         assert t == STEPS, f"{name} ended at t={t}"
         assert _same(params, _reference(make_model(i), grads[name])), f"{name}: a step was lost or applied twice"
-
-
-class PrivatePostgres:
-    """A PostgreSQL server of the test's own (initdb in a temporary directory), which it may stop and start."""
-
-    def __init__(self) -> None:
-        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-        if not versions or shutil.which("runuser") is None:
-            pytest.fail("no PostgreSQL binaries (initdb) or runuser here")
-        self.bindir = versions[-1].parent
-        self.root = Path(tempfile.mkdtemp(prefix="optim-pg-"))
-        os.chmod(self.root, 0o755)
-        shutil.chown(self.root, "postgres", "postgres")
-        self.data = self.root / "data"
-        self.port = free_port()
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-        self._as_pg = ["runuser", "-u", "postgres", "--"]
-        subprocess.run(
-            [*self._as_pg, str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"],
-            check=True,
-            capture_output=True,
-        )
-
-    def _ctl(self, *args: str) -> None:
-        subprocess.run(
-            [*self._as_pg, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w", *args],
-            check=True,
-            capture_output=True,
-        )
-
-    def start(self) -> None:
-        self._ctl("-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        self._ctl("-m", mode, "stop")
-
-    def remove(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            self.stop("immediate")
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.mark.skipif(not Path("/usr/lib/postgresql").exists(), reason="no PostgreSQL installation to start a private server from")

@@ -7,13 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
 
-from service import blobs
-from service.blobs import DatabaseBlobStore, DirectoryBlobStore, read_into
-from service.db import make_engine, make_sessionmaker
-from service.models import BlobChunk
 from service.settings import Settings
+from service.storage import Database, blobs, make_engine
+from service.storage.blobs import DatabaseBlobStore, DirectoryBlobStore, read_into
 
 from ..server import DATABASES, database
 
@@ -39,26 +36,24 @@ def test_a_blob_written_from_parts_reads_back_as_their_concatenation(
     parts = [memoryview(p) for p in PARTS[layout]]
     whole = b"".join(parts)
     with database(kind, tmp_path) as url:
-        engine = make_engine(Settings(database_url=url, data_dir=tmp_path))
+        db = Database(make_engine(Settings(database_url=url, data_dir=tmp_path)))
         try:
-            sessions = make_sessionmaker(engine)
             store = DatabaseBlobStore(chunk_bytes=8) if store_kind == "database" else DirectoryBlobStore(tmp_path / "blobs")
-            with sessions() as session, session.begin():
-                assert store.put(session, "a" * 32, parts) == len(whole)
-            assert store.put_staged(sessions, "b" * 32, parts) == len(whole)
-            with sessions() as session:
+            with db.write("a test") as repo:
+                assert store.put(repo, "a" * 32, parts) == len(whole)
+            assert store.put_staged(db, "b" * 32, parts) == len(whole)
+            with db.read("a test") as repo:
                 for key in ("a" * 32, "b" * 32):
-                    assert bytes(read_into(store, session, key, lambda n: memoryview(bytearray(n)))) == whole
+                    assert bytes(read_into(store, repo, key, lambda n: memoryview(bytearray(n)))) == whole
                     if store_kind == "database":
-                        query = select(func.length(BlobChunk.data)).where(BlobChunk.blob_key == key)
-                        sizes = session.execute(query).scalars().all()
+                        sizes = [n for _, n in repo.chunk_sizes(key)]
                         assert max(sizes) <= 8 and sum(sizes) == len(whole)
         finally:
-            engine.dispose()
+            db.close()
 
 
 def _read(store: DirectoryBlobStore, key: str) -> bytes:
-    return bytes(read_into(store, None, key, lambda n: memoryview(bytearray(n))))  # type: ignore[arg-type]
+    return bytes(read_into(store, None, key, lambda n: memoryview(bytearray(n))))
 
 
 def _spares(store: DirectoryBlobStore) -> list[Path]:
@@ -67,11 +62,11 @@ def _spares(store: DirectoryBlobStore) -> list[Path]:
 
 def test_a_dropped_blob_is_rewritten_in_place_by_the_next_blob_of_its_size(tmp_path: Path) -> None:
     store = DirectoryBlobStore(tmp_path)
-    store.put(None, "a" * 32, [b"x" * 1000])  # type: ignore[arg-type]  # a file needs no session
+    store.put(None, "a" * 32, [b"x" * 1000])  # a file needs no transaction
     inode = store._path("a" * 32).stat().st_ino
     store.drop(["a" * 32])
     assert not store._path("a" * 32).exists() and len(_spares(store)) == 1
-    store.put(None, "b" * 32, [b"y" * 1000])  # type: ignore[arg-type]
+    store.put(None, "b" * 32, [b"y" * 1000])
     assert _read(store, "b" * 32) == b"y" * 1000
     assert store._path("b" * 32).stat().st_ino == inode  # the same file, not a new one
     assert _spares(store) == []
@@ -79,9 +74,9 @@ def test_a_dropped_blob_is_rewritten_in_place_by_the_next_blob_of_its_size(tmp_p
 
 def test_a_blob_of_another_size_gets_a_new_file_and_leaves_the_spare(tmp_path: Path) -> None:
     store = DirectoryBlobStore(tmp_path)
-    store.put(None, "a" * 32, [b"x" * 1000])  # type: ignore[arg-type]
+    store.put(None, "a" * 32, [b"x" * 1000])
     store.drop(["a" * 32])
-    store.put(None, "b" * 32, [b"y" * 999])  # type: ignore[arg-type]  # a shorter blob must not keep a stale tail
+    store.put(None, "b" * 32, [b"y" * 999])  # a shorter blob must not keep a stale tail
     assert _read(store, "b" * 32) == b"y" * 999
     assert len(_spares(store)) == 1
 
@@ -91,7 +86,7 @@ def test_spares_are_bounded_by_bytes(tmp_path: Path, limit: int) -> None:
     store = DirectoryBlobStore(tmp_path, spare_bytes=limit)
     keys = [c * 32 for c in "abcd"]
     for key in keys:
-        store.put(None, key, [os.urandom(1000)])  # type: ignore[arg-type]
+        store.put(None, key, [os.urandom(1000)])
     store.drop(keys)
     assert len(_spares(store)) == limit // 1000
     assert not any(store._path(k).exists() for k in keys)  # the rest were removed
@@ -99,12 +94,12 @@ def test_spares_are_bounded_by_bytes(tmp_path: Path, limit: int) -> None:
 
 def test_spares_survive_a_restart_and_are_not_collected(tmp_path: Path) -> None:
     store = DirectoryBlobStore(tmp_path / "blobs")
-    store.put(None, "a" * 32, [b"x" * 100])  # type: ignore[arg-type]
+    store.put(None, "a" * 32, [b"x" * 100])
     store.drop(["a" * 32, "f" * 32])  # a key with no file is already forgotten
     with database("sqlite", tmp_path) as url:
-        engine = make_engine(Settings(database_url=url, data_dir=tmp_path))
-        with make_sessionmaker(engine)() as session:
-            assert DirectoryBlobStore(tmp_path / "blobs").collect(session) == 0
-        engine.dispose()
+        db = Database(make_engine(Settings(database_url=url, data_dir=tmp_path)))
+        with db.write("a test") as repo:
+            assert DirectoryBlobStore(tmp_path / "blobs").collect(repo) == 0
+        db.close()
     again = DirectoryBlobStore(tmp_path / "blobs")
     assert again._take_spare(100) is not None and again._take_spare(100) is None

@@ -12,19 +12,21 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import delete, func, insert, select, union
-from sqlalchemy.orm import Session, sessionmaker
+from ..errors import StorageUnavailable
+from ..settings import Settings
+from .repository import Repository
 
-from .errors import StorageUnavailable
-from .models import BlobChunk, Checkpoint, Event, Snapshot
+if TYPE_CHECKING:  # the database module imports the repository too; the stores only need the type
+    from .database import Database
 
 # a blob is written from a sequence of buffers (a snapshot's header and each tensor's own memory, or one payload):
 # never joined into one copy first
@@ -40,36 +42,28 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
-def referenced_keys(session: Session) -> set[str]:
-    q = union(
-        select(Event.blob_key).where(Event.blob_key.is_not(None)),
-        select(Snapshot.blob_key),
-        select(Checkpoint.blob_key),
-    )
-    return {k for (k,) in session.execute(q)}
-
-
 class BlobStore(Protocol):
-    def put(self, session: Session, key: str, parts: Parts) -> int:
+    def put(self, repo: Repository, key: str, parts: Parts) -> int:
         """Store the blob that is ``parts`` one after the other, in the caller's transaction; its size."""
 
-    def put_staged(self, sessions: sessionmaker[Session], key: str, parts: Parts) -> int:
+    def put_staged(self, db: Database, key: str, parts: Parts) -> int:
         """Store a blob ahead of the transaction that will reference it, in short transactions of its own, so
-        that a large background write (a snapshot) never holds the database's write lock for long. Until a row
-        references it, the blob is garbage to ``collect``; ``discard`` removes it when it will not be."""
+        that a large write (a step's log payload, a snapshot) never holds the database's write lock for long, nor
+        while anything else happens. Until a row references it, the blob is garbage to ``collect``; ``discard``
+        removes it when it will not be."""
 
-    def discard(self, sessions: sessionmaker[Session], key: str) -> None: ...
+    def discard(self, db: Database, key: str) -> None: ...
 
-    def reader(self, session: Session, key: str) -> contextlib.AbstractContextManager[BlobReader]:
+    def reader(self, repo: Repository, key: str) -> contextlib.AbstractContextManager[BlobReader]:
         """The blob as a stream, read in order into the caller's memory (no whole copy of it in between)."""
 
-    def delete(self, session: Session, keys: Iterable[str]) -> None:
+    def delete(self, repo: Repository, keys: Iterable[str]) -> None:
         """Forget ``keys``; for files, only once the deleting transaction has committed (``collect``)."""
 
     def drop(self, keys: Iterable[str]) -> None:
         """After the transaction that deleted their rows committed: remove the blobs' files, if any."""
 
-    def collect(self, session: Session) -> int:
+    def collect(self, repo: Repository) -> int:
         """Remove what nothing references any more (run at start-up, when no write is in flight)."""
 
 
@@ -80,17 +74,17 @@ class BlobReader(Protocol):
         """Fill ``out`` with the blob's next ``len(out)`` bytes (StorageUnavailable if it has fewer)."""
 
 
-def read_into(store: BlobStore, session: Session, key: str, alloc: Callable[[int], memoryview]) -> memoryview:
+def read_into(store: BlobStore, repo: Repository, key: str, alloc: Callable[[int], memoryview]) -> memoryview:
     """The whole blob, read into ``alloc(size)`` (a writable buffer of at least ``size`` bytes)."""
-    with store.reader(session, key) as blob:
+    with store.reader(repo, key) as blob:
         out = alloc(blob.size)[: blob.size]
         blob.readinto(out)
         return out
 
 
 class _ChunkReader:
-    def __init__(self, session: Session, key: str, sizes: list[tuple[int, int]]) -> None:
-        self.session, self.key, self.size = session, key, sum(n for _, n in sizes)
+    def __init__(self, repo: Repository, key: str, sizes: list[tuple[int, int]]) -> None:
+        self.repo, self.key, self.size = repo, key, sum(n for _, n in sizes)
         self._sizes = sizes
         self._next = 0
         self._chunk = memoryview(b"")
@@ -103,9 +97,7 @@ class _ChunkReader:
                     raise StorageUnavailable(f"blob {self.key} is shorter than {self.size} bytes")
                 part, n = self._sizes[self._next]
                 self._next += 1
-                data = self.session.execute(
-                    select(BlobChunk.data).where(BlobChunk.blob_key == self.key, BlobChunk.part == part)
-                ).scalar_one_or_none()
+                data = self.repo.chunk(self.key, part)
                 if data is None or len(data) != n:
                     raise StorageUnavailable(f"blob {self.key} changed while it was read")
                 self._chunk = memoryview(data)
@@ -116,7 +108,7 @@ class _ChunkReader:
 
 
 class _FileReader:
-    def __init__(self, f: BinaryIO, key: str) -> None:
+    def __init__(self, f: io.RawIOBase, key: str) -> None:
         self._f, self.key = f, key
         self.size = os.fstat(f.fileno()).st_size
 
@@ -162,64 +154,54 @@ class DatabaseBlobStore:
         if fill or not rows:  # an empty blob is one empty row
             yield scratch[:fill] if scratch is not None else memoryview(b"")
 
-    def put(self, session: Session, key: str, parts: Parts) -> int:
+    def put(self, repo: Repository, key: str, parts: Parts) -> int:
         size = 0
         for i, row in enumerate(self._rows(parts)):
-            size += self._insert(session, key, i, row)
+            repo.insert_chunk(key, i, row)
+            size += len(row)
         return size
 
-    @staticmethod
-    def _insert(session: Session, key: str, part: int, row: memoryview) -> int:
-        # executed now, not at a flush: the row's buffer is reused for the next row
-        session.execute(insert(BlobChunk), [{"blob_key": key, "part": part, "data": row}])
-        return len(row)
-
-    def put_staged(self, sessions: sessionmaker[Session], key: str, parts: Parts) -> int:
+    def put_staged(self, db: Database, key: str, parts: Parts) -> int:
         size = 0
         rows = enumerate(self._rows(parts))
         try:
             # transactions of ~STAGE_BYTES, whatever the row size: each commit is a WAL sync
             while (first := next(rows, None)) is not None:
-                with sessions() as session, session.begin():
+                with db.write(f"writing blob {key}") as repo:
                     staged = 0
                     for i, row in itertools.chain([first], rows):
-                        staged += self._insert(session, key, i, row)
+                        repo.insert_chunk(key, i, row)
+                        staged += len(row)
                         if staged >= STAGE_BYTES:
                             break
                 size += staged
         except Exception:
             with contextlib.suppress(Exception):
-                self.discard(sessions, key)
+                self.discard(db, key)
             raise
         return size
 
-    def discard(self, sessions: sessionmaker[Session], key: str) -> None:
-        with sessions() as session, session.begin():
-            self.delete(session, [key])
+    def discard(self, db: Database, key: str) -> None:
+        with db.write(f"discarding blob {key}") as repo:
+            self.delete(repo, [key])
 
     @contextlib.contextmanager
-    def reader(self, session: Session, key: str) -> Iterator[BlobReader]:
-        # the sizes first (length() reads no blob data), then one chunk at a time
-        sizes = session.execute(
-            select(BlobChunk.part, func.length(BlobChunk.data)).where(BlobChunk.blob_key == key).order_by(BlobChunk.part)
-        ).all()
+    def reader(self, repo: Repository, key: str) -> Iterator[BlobReader]:
+        # the sizes first, then one chunk at a time
+        sizes = repo.chunk_sizes(key)
         if not sizes:
             raise StorageUnavailable(f"blob {key} is missing from the database")
-        yield _ChunkReader(session, key, [(part, n) for part, n in sizes])
+        yield _ChunkReader(repo, key, sizes)
 
-    def delete(self, session: Session, keys: Iterable[str]) -> None:
-        keys = list(keys)
-        if keys:
-            session.execute(delete(BlobChunk).where(BlobChunk.blob_key.in_(keys)))
+    def delete(self, repo: Repository, keys: Iterable[str]) -> None:
+        repo.delete_chunks(keys)
 
     def drop(self, keys: Iterable[str]) -> None:
         pass  # the rows went with the transaction
 
-    def collect(self, session: Session) -> int:
-        live = referenced_keys(session)
-        stored = set(session.execute(select(BlobChunk.blob_key).distinct()).scalars())
-        dead = stored - live
-        self.delete(session, dead)
+    def collect(self, repo: Repository) -> int:
+        dead = repo.chunk_keys() - repo.referenced_keys()
+        self.delete(repo, dead)
         return len(dead)
 
 
@@ -242,7 +224,7 @@ class DirectoryBlobStore:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key
 
-    def put(self, session: Session, key: str, parts: Parts) -> int:
+    def put(self, repo: Repository | None, key: str, parts: Parts) -> int:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         views = [memoryview(part).cast("B") for part in parts]
@@ -273,14 +255,14 @@ class DirectoryBlobStore:
             raise StorageUnavailable(f"could not write blob {key}: {exc.strerror or exc}") from exc
         return size
 
-    def put_staged(self, sessions: sessionmaker[Session], key: str, parts: Parts) -> int:
-        return self.put(None, key, parts)  # type: ignore[arg-type]  # a file needs no session
+    def put_staged(self, db: Database, key: str, parts: Parts) -> int:
+        return self.put(None, key, parts)  # a file needs no transaction
 
-    def discard(self, sessions: sessionmaker[Session], key: str) -> None:
+    def discard(self, db: Database, key: str) -> None:
         self.drop([key])
 
     @contextlib.contextmanager
-    def reader(self, session: Session, key: str) -> Iterator[BlobReader]:
+    def reader(self, repo: Repository, key: str) -> Iterator[BlobReader]:
         try:
             f = open(self._path(key), "rb", buffering=0)  # closed below
         except OSError as exc:
@@ -288,7 +270,7 @@ class DirectoryBlobStore:
         with f:
             yield _FileReader(f, key)
 
-    def delete(self, session: Session, keys: Iterable[str]) -> None:
+    def delete(self, repo: Repository, keys: Iterable[str]) -> None:
         pass  # the files go in drop(), once the transaction that forgot them has committed
 
     def drop(self, keys: Iterable[str]) -> None:
@@ -325,8 +307,8 @@ class DirectoryBlobStore:
             self._spares.setdefault(size, []).append(spare)
         return True
 
-    def collect(self, session: Session) -> int:
-        live = referenced_keys(session)
+    def collect(self, repo: Repository) -> int:
+        live = repo.referenced_keys()
         removed = 0
         for path in self.root.glob("*/*"):
             if path.parent == self.spare_dir:
@@ -335,3 +317,9 @@ class DirectoryBlobStore:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def make_blob_store(settings: Settings) -> BlobStore:
+    if settings.blob_store == "directory":
+        return DirectoryBlobStore(settings.blob_dir, spare_bytes=settings.blob_spare_bytes)
+    return DatabaseBlobStore(settings.blob_chunk_bytes)

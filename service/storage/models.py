@@ -33,7 +33,11 @@ class Base(DeclarativeBase):
 
 
 class Run(Base):
-    """A training run's optimizer side. ``seq`` counts the durable events (steps, epoch steps)."""
+    """A training run's optimizer side. ``seq`` counts the durable events (steps, epoch steps).
+
+    Beside the spec and the position, the row holds what the API tells of a run (LRs, groups, counts, the last
+    snapshot, the state's size), written with every step record and snapshot, so that listing and describing
+    runs reads this table alone and loads no tensors."""
 
     __tablename__ = "run"
     __table_args__ = (UniqueConstraint("tenant", "name"),)
@@ -48,6 +52,16 @@ class Run(Base):
     t: Mapped[int] = mapped_column(BigInteger)
     epoch: Mapped[int] = mapped_column(BigInteger)
     seq: Mapped[int] = mapped_column(BigInteger)
+    # LR per group (null where the optimizer has none: timm's relative-step Adafactor); null until first described
+    lrs: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # the optimizer's param groups: parameter names and options, as of the last snapshot
+    groups: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    group_sizes: Mapped[list | None] = mapped_column(JSON, nullable=True)  # elements per group
+    skipped_steps: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    rejected_steps: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    last_snapshot_t: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_snapshot_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    state_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")  # parameters, optimizer state, averages
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
 

@@ -1,0 +1,162 @@
+"""The step (the hot path), and what a worker reads back: parameters, averages, the whole state, its digest."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from schemas import RunPublic
+
+from .. import payloads
+from ..bodies import content_kind, read_body
+from ..deps import RegistryDep, RunName, SettingsDep, TenantDep
+from ..errors import InvalidPayload, RunNotFound
+from ..payloads import SAFETENSORS, LiveTensorsResponse
+from ..runs import Live, history, lifecycle, stepping
+from ..runs.stepping import Clock, StepOutcome, StepRequest
+
+router = APIRouter(tags=["steps"])
+BINARY_BODY = {"content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def _position(t: int, lrs: Sequence[float | None]) -> dict[str, str]:
+    return {"Optim-T": str(t), "Optim-LR": json.dumps(lrs)}
+
+
+def _step_response(outcome: StepOutcome, returns: str, live_answers: bool) -> Response:
+    headers = _position(outcome.result.t, outcome.result.lrs)
+    if outcome.replayed:
+        headers["Optim-Replayed"] = "true"
+    if outcome.result.skipped:
+        headers["Optim-Skipped"] = "true"
+    if returns == "none":
+        return Response(status_code=200, headers=headers)
+    if returns == "json":
+        params = {n: v.tolist() for n, v in outcome.params.items()}
+        body = {"t": outcome.result.t, "lr": outcome.result.lrs, "replayed": outcome.replayed, "params": params}
+        return JSONResponse(body, headers=headers)
+    meta = {"t": headers["Optim-T"], "lr": headers["Optim-LR"]}  # in the safetensors metadata as in the headers
+    if live_answers:  # sent from the live parameters, under the run's hold (RunRegistry.answer)
+        return LiveTensorsResponse(outcome.params, meta, headers)
+    return Response(payloads.encode(outcome.params, meta), media_type=SAFETENSORS, headers=headers)
+
+
+@router.post(
+    "/runs/{run}/step",
+    summary="Apply the gradients computed at step t (exactly once)",
+    openapi_extra={"requestBody": {"content": {**BINARY_BODY["content"], "application/json": {"schema": {"type": "object"}}}}},
+    responses={200: {"content": {SAFETENSORS: {}}, "description": "The updated parameters as safetensors"}},
+)
+async def step(
+    request: Request,
+    run: RunName,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    t: Annotated[int, Query(ge=0, le=2**62, description="The step count the gradient was computed at.")],
+    loss: Annotated[float | None, Query(description="The step's loss (plateau schedulers use it).")] = None,
+    returns: Annotated[Literal["params", "none", "json"], Query(alias="return")] = "params",
+) -> Response:
+    clock = Clock()
+    hasher = payloads.Hasher()  # the gradient's digest, computed while it arrives
+    body = await read_body(request, settings.max_body_bytes, hasher)
+    clock.lap("receive")
+    step_request = StepRequest(t=t, payload=body, content_type=content_kind(request), loss=loss, digest=hasher.hexdigest())
+    live_answers: bool = request.app.state.live_answers
+
+    def work(live: Live) -> Response:
+        clock.lap("wait")  # for the run's lock (another request on the run) and a worker thread
+        response = _step_response(
+            stepping.step(registry.ctx, registry.snapshots, live, step_request, clock), returns, live_answers
+        )
+        clock.lap("encode")
+        response.headers["Server-Timing"] = clock.header()
+        return response
+
+    async def snapshot() -> None:
+        """A due snapshot's capture, once the answer of the step that made it due is sent (``Snapshots.start``)."""
+        live = registry.live(tenant, run)
+        if live is not None and registry.snapshots.due(live):
+            await registry.call(tenant, run, registry.snapshots.start)
+
+    return registry.answer(tenant, run, work, write=True, after=snapshot)
+
+
+@router.get(
+    "/runs/{run}/params",
+    summary="The current parameters (safetensors, t and lr in the metadata)",
+    responses={200: {"content": {SAFETENSORS: {}}}},
+)
+async def get_params(run: RunName, registry: RegistryDep, tenant: TenantDep) -> Response:
+    def work(live: Live) -> Response:
+        headers = _position(live.state.t, live.state.lrs)
+        meta = {"t": headers["Optim-T"], "lr": headers["Optim-LR"]}
+        return Response(payloads.encode(live.state.params(), meta), media_type=SAFETENSORS, headers=headers)
+
+    # a copy, sent after the hold is released: a slow reader of the parameters must not hold up the run's steps
+    return await registry.call(tenant, run, work)
+
+
+@router.get(
+    "/runs/{run}/averages/{kind}", summary="The EMA or SWA weights (safetensors)", responses={200: {"content": {SAFETENSORS: {}}}}
+)
+async def get_average(run: RunName, kind: Literal["ema", "swa"], registry: RegistryDep, tenant: TenantDep) -> Response:
+    def work(live: Live) -> Response:
+        tensors = live.state.averages(kind)
+        if tensors is None:
+            raise RunNotFound(f"this run keeps no {kind} average (set it in the spec)")
+        meta = {"t": str(live.state.t)}
+        return Response(payloads.encode(tensors, meta), media_type=SAFETENSORS, headers=meta)
+
+    return await registry.call(tenant, run, work)
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_torch(data: bytes | memoryview) -> Any:
+    """A client's .pt: weights_only, so nothing in it is unpickled as code."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise InvalidPayload(f"the body is not a torch.save file readable with weights_only=True: {exc}") from None
+
+
+@router.get(
+    "/runs/{run}/state",
+    summary="The current state as a .pt for plain torch/timm (as a checkpoint export)",
+    responses={200: {"content": {SAFETENSORS: {}}}},
+)
+async def get_state(run: RunName, registry: RegistryDep, tenant: TenantDep) -> Response:
+    data = await registry.call(tenant, run, lambda live: torch_bytes(live.state.export()))
+    return Response(data, media_type=SAFETENSORS)
+
+
+@router.put(
+    "/runs/{run}/state",
+    response_model=RunPublic,
+    openapi_extra={"requestBody": BINARY_BODY},
+    summary="Load a torch-format state (.pt: optimizer, and optionally model, lr_scheduler, ema, swa, step)",
+)
+async def put_state(request: Request, run: RunName, registry: RegistryDep, settings: SettingsDep, tenant: TenantDep) -> RunPublic:
+    body = await read_body(request, settings.max_body_bytes)
+
+    def work(live: Live) -> Live:
+        return history.load_state(registry.ctx, registry.snapshots, live, load_torch(body))
+
+    await registry.call(tenant, run, work, write=True)
+    return await lifecycle.describe(registry, tenant, run)
+
+
+@router.get("/runs/{run}/digest", summary="A hash of the run's whole state (parameters, optimizer, schedule, averages)")
+async def get_digest(run: RunName, registry: RegistryDep, tenant: TenantDep) -> dict[str, Any]:
+    return await registry.call(tenant, run, lambda live: {"t": live.state.t, "digest": live.state.digest()})

@@ -1,0 +1,93 @@
+"""The step log of a run that logs its steps (durability "log", the default): every acknowledged event (a step
+with its gradient payload as received, an epoch step) is durable before its answer.
+
+An event's record is written in two parts, and the optimizer step runs beside the first:
+1. ``begin``: the payload's blob, on a log writer thread, staged ahead of the row that will name it (files are
+   fsync'd; database rows are committed in short transactions of their own), so no database lock is held while
+   the optimizer steps;
+2. ``commit``: once the step is done, one short write transaction: the event's row (its checksum of the new
+   parameters, the gradient's digest) and the run's position and description in its ``run`` row.
+A crash between the two leaves a blob that nothing names, which the blob store collects at start-up; a step
+the optimizer refused discards its blob (``abort``). If the commit fails, the state in memory is ahead of the
+database: the run is marked stale (the registry drops it; the next request recovers it) and the answer is 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from ..errors import StorageUnavailable
+from ..storage import new_key
+from .live import Live, RunContext
+
+log = logging.getLogger("optim_service")
+
+
+@dataclass
+class LogWrite:
+    """An event's record being written: its payload's blob (if any) on a log writer thread."""
+
+    key: str | None
+    blob: Future[int] | None
+
+
+def begin(ctx: RunContext, live: Live, payload: bytes | memoryview | None) -> LogWrite | None:
+    """Start writing the record of the event about to be applied; None for a run that logs nothing."""
+    if live.durability != "log":
+        return None
+    if payload is None:
+        return LogWrite(key=None, blob=None)
+    key = new_key()
+    return LogWrite(key=key, blob=ctx.log_writers.submit(ctx.blobs.put_staged, ctx.db, key, [payload]))
+
+
+def abort(ctx: RunContext, writer: LogWrite | None) -> None:
+    """The event was not applied: its blob goes."""
+    if writer is None or writer.key is None or writer.blob is None:
+        return
+    try:
+        writer.blob.result()
+    except StorageUnavailable as exc:
+        log.warning("discarding the log write of a step that was not applied: %s", exc)
+    try:
+        ctx.blobs.discard(ctx.db, writer.key)
+    except StorageUnavailable as exc:  # it is garbage to the next start-up's collection
+        log.warning("could not discard blob %s: %s", writer.key, exc)
+
+
+def commit(
+    ctx: RunContext, live: Live, writer: LogWrite | None, *, kind: str, t: int, value: float | None, grad_digest: str | None
+) -> None:
+    """Make the event just applied durable (a run that logs its steps), and count it."""
+    if writer is not None:
+        state = live.state
+        event = {
+            "seq": live.seq + 1,
+            "kind": kind,
+            "t": t,
+            "value": value,
+            "grad_digest": grad_digest,
+            "checksum": ctx.stepper.run(state.checksum),
+            "blob_key": writer.key,
+        }
+        try:
+            if writer.blob is not None:
+                writer.blob.result()
+            with ctx.db.write(f"logging the {kind} at t={t}") as repo:
+                repo.add_event(live.id, **event)
+                repo.update_run(
+                    live.id,
+                    t=state.t,
+                    epoch=state.epoch,
+                    seq=live.seq + 1,
+                    lrs=state.lrs,
+                    skipped_steps=state.skipped_steps,
+                    rejected_steps=live.rejected_steps,
+                )
+        except StorageUnavailable:
+            live.stale = f"its {kind} at t={t} was applied in memory but could not be logged"
+            abort(ctx, writer)
+            raise
+    live.seq += 1

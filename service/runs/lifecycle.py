@@ -1,0 +1,174 @@
+"""Runs come and go: create (idempotent by name), describe and list (from the database alone), delete.
+
+A run is stored only once the engine has built it and described it: a spec the engine refuses, or that it
+cannot describe, is a 422 and nothing is written. Describing and listing read the ``run`` rows and load no
+tensors; a run that is in memory here adds what has changed since its row was written (a snapshot-only run's
+position) and says it is live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+import optim_core
+from optim_core import RunSpec, RunState
+from schemas import RunCreate, RunPublic
+
+from ..errors import Invalid, RunConflict, RunNotFound, from_engine
+from ..storage import Duplicate, new_key
+from ..storage.models import Run
+from .live import Live, RunContext, described
+from .registry import RunRegistry
+
+# the initial parameters: decoded in the worker thread that builds the run (tensor work stays off the event loop)
+ParamsReader = Callable[[RunSpec], Mapping[str, torch.Tensor]]
+
+
+def spec_digest(spec: RunSpec, durability: str, snapshot_every: int) -> str:
+    canonical = json.dumps({"spec": spec.to_dict(), "durability": durability, "snapshot_every": snapshot_every}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def public(row: Run, live: Live | None) -> RunPublic:
+    """The API's description of a run: its row, and its live state's position when it is in memory here."""
+    t, epoch, lrs, skipped = row.t, row.epoch, row.lrs, row.skipped_steps
+    if live is not None:
+        state = live.state
+        t, epoch, lrs, skipped = state.t, state.epoch, state.lrs, state.skipped_steps
+    groups = [dict(g) for g in row.groups or []]
+    for g, lr in zip(groups, lrs or [], strict=False):
+        g["lr"] = lr
+    return RunPublic(
+        name=row.name,
+        t=t,
+        epoch=epoch,
+        lr=lrs,
+        durability=row.durability,
+        snapshot_every=row.snapshot_every,
+        last_snapshot_t=row.last_snapshot_t if live is None else live.last_snapshot_t,
+        last_snapshot_at=row.last_snapshot_at,
+        skipped_steps=skipped,
+        rejected_steps=max(row.rejected_steps, live.rejected_steps if live is not None else 0),
+        groups=groups,
+        group_sizes=row.group_sizes or [],
+        state_bytes=live.state_bytes if live is not None else row.state_bytes,
+        live=live is not None,
+        spec=row.spec,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _row(ctx: RunContext, tenant: str, name: str) -> Run:
+    with ctx.db.read(f"describing run {name!r}") as repo:
+        row = repo.run(tenant, name)
+    if row is None:
+        raise RunNotFound(f"run {name!r} does not exist")
+    return row
+
+
+async def describe(registry: RunRegistry, tenant: str, name: str) -> RunPublic:
+    row = await run_in_threadpool(_row, registry.ctx, tenant, name)
+    return public(row, registry.live(tenant, name))
+
+
+async def list_runs(registry: RunRegistry, tenant: str) -> list[RunPublic]:
+    def rows() -> list[Run]:
+        with registry.ctx.db.read("listing runs") as repo:
+            return list(repo.runs(tenant))
+
+    return [public(row, registry.live(tenant, row.name)) for row in await run_in_threadpool(rows)]
+
+
+async def create(registry: RunRegistry, tenant: str, body: RunCreate, params: ParamsReader) -> tuple[RunPublic, bool]:
+    """Create the run, or answer the existing one when its spec is the same: (description, created)."""
+    async with registry.hold(tenant, body.name, write=True, load=False) as run:
+        row, live = await run_in_threadpool(_create, registry.ctx, tenant, body, params)
+        if live is not None:
+            run.install(live)
+        return public(row, run.live), live is not None
+
+
+def _create(ctx: RunContext, tenant: str, body: RunCreate, read_params: ParamsReader) -> tuple[Run, Live | None]:
+    try:
+        spec = RunSpec.from_dict(body.spec_dict())
+    except optim_core.EngineError as exc:
+        raise from_engine(exc) from None
+    snapshot_every = body.snapshot_every or ctx.settings.default_snapshot_every
+    digest = spec_digest(spec, body.durability, snapshot_every)
+    with ctx.db.read(f"looking up run {body.name!r}") as repo:
+        existing = repo.run(tenant, body.name)
+        count = repo.count_runs(tenant) if existing is None else 0
+    if existing is not None:
+        if existing.spec_digest != digest:
+            raise RunConflict(f"run {body.name!r} exists with another spec (or durability policy); choose another name")
+        return existing, None
+    if len(spec.params) > ctx.settings.max_tensors:
+        raise Invalid(f"the run has {len(spec.params)} parameter tensors; the limit is {ctx.settings.max_tensors}")
+    if count >= ctx.settings.max_runs:
+        raise Invalid(f"this tenant has {count} runs, the limit is {ctx.settings.max_runs}")
+    try:
+        state = RunState(spec, read_params(spec), device=ctx.device)
+        # everything the answer and the row say of the run, before anything is written (on a GPU, host copies)
+        parts, state_digest, facts = state.parts(), state.digest(), described(state)
+    except optim_core.EngineError as exc:
+        raise from_engine(exc) from None
+    key = new_key()
+    try:
+        with ctx.db.write(f"creating run {body.name!r}") as repo:
+            row = repo.add_run(
+                tenant=tenant,
+                name=body.name,
+                spec=spec.to_dict(),
+                spec_digest=digest,
+                durability=body.durability,
+                snapshot_every=snapshot_every,
+                **facts,
+                seq=0,
+                last_snapshot_t=0,
+                last_snapshot_at=datetime.now(UTC),
+            )
+            size = ctx.blobs.put(repo, key, parts)
+            repo.add_snapshot(row.id, seq=0, t=0, digest=state_digest, blob_key=key, size=size)
+    except Duplicate:
+        # created meanwhile by another process: answer as if it had been first
+        ctx.blobs.drop([key])
+        return _create(ctx, tenant, body, read_params)
+    live = Live(
+        id=row.id,
+        tenant=tenant,
+        name=body.name,
+        durability=body.durability,
+        snapshot_every=snapshot_every,
+        state=state,
+        seq=0,
+        last_step_digest=None,
+        last_snapshot_seq=0,
+        last_snapshot_t=0,
+        state_bytes=facts["state_bytes"],
+    )
+    return row, live
+
+
+async def delete(registry: RunRegistry, tenant: str, name: str) -> None:
+    """Delete the run with its log, snapshots and checkpoints; it leaves memory."""
+    async with registry.hold(tenant, name, write=True, load=False) as run:
+        await run_in_threadpool(_delete, registry, tenant, name)
+        run.install(None)
+
+
+def _delete(registry: RunRegistry, tenant: str, name: str) -> None:
+    ctx = registry.ctx
+    row = _row(ctx, tenant, name)
+    registry.snapshots.wait(row.id)
+    with ctx.db.write(f"deleting run {name!r}") as repo:
+        keys = repo.blob_keys_of_run(row.id)
+        repo.delete_run(row.id)
+        ctx.blobs.delete(repo, keys)
+    ctx.blobs.drop(keys)

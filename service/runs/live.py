@@ -1,0 +1,100 @@
+"""A run in memory, and what the run lifecycle's modules share."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from optim_core import RunState
+
+from ..settings import Settings
+from ..stepper import Stepper
+from ..storage import BlobStore, Database
+
+RunKey = tuple[str, str]  # (tenant, run name)
+# the run's columns that say where it stands: a run that logs its steps writes them with every step record
+POSITION = ("t", "epoch", "lrs", "skipped_steps")
+
+
+def described(state: RunState) -> dict[str, Any]:
+    """What the ``run`` row tells of a state (``storage.models.Run``), read off it under the run's hold."""
+    groups = state.groups()
+    sizes = {n: p.numel() for n, p in state.params().items()}
+    return {
+        "t": state.t,
+        "epoch": state.epoch,
+        "lrs": state.lrs,
+        "skipped_steps": state.skipped_steps,
+        "groups": groups,
+        "group_sizes": [sum(sizes[n] for n in g["params"]) for g in groups],
+        "state_bytes": state.nbytes(),
+    }
+
+
+@dataclass
+class Live:
+    """A run's state in this process, and where its durable history stands.
+
+    ``seq`` counts the events applied (steps and epoch steps); a run that logs its steps has as many in the
+    database. ``stale`` says why the state can no longer be trusted (it ran ahead of the database, or the
+    optimizer failed part way): the registry drops such a run when its hold is released, and the next request
+    recovers it from the database.
+    """
+
+    id: int
+    tenant: str
+    name: str
+    durability: str
+    snapshot_every: int
+    state: RunState
+    seq: int
+    last_step_digest: str | None
+    last_snapshot_seq: int
+    last_snapshot_t: int | None
+    rejected_steps: int = 0  # step requests refused since the run was loaded; written with its next record
+    stale: str | None = None
+    state_bytes: int = 0  # as of the last ``measure``
+    loaded_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> RunKey:
+        return (self.tenant, self.name)
+
+    @property
+    def snapshot_due(self) -> bool:
+        """``snapshot_every`` events or more since the last snapshot."""
+        return self.seq - self.last_snapshot_seq >= self.snapshot_every
+
+    def reset(self, state: RunState, *, seq: int) -> None:
+        """``state`` is the run's whole history from now on, as its newest snapshot at ``seq`` (rollback, load)."""
+        self.state, self.seq = state, seq
+        self.last_step_digest, self.last_snapshot_seq, self.last_snapshot_t = None, seq, state.t
+
+    def measure(self) -> int:
+        """The bytes of the state's tensors (parameters, optimizer state, averages): an optimizer allocates its
+        state at its first step, so this is measured again whenever the run changed."""
+        self.state_bytes = self.state.nbytes()
+        return self.state_bytes
+
+
+@dataclass
+class RunContext:
+    """What the run lifecycle's modules share: settings, the database, the blob store, the steppers, the device,
+    and the threads that write the step log beside the optimizer step."""
+
+    settings: Settings
+    db: Database
+    blobs: BlobStore
+    stepper: Stepper
+    device: torch.device
+    log_writers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=16, thread_name_prefix="log"), repr=False
+    )
+
+    def close(self) -> None:
+        self.log_writers.shutdown(wait=True)
+        self.stepper.close()

@@ -1,0 +1,140 @@
+"""Snapshots: the full state at some event, the base recovery replays the log onto.
+
+A run that logs its steps takes one every ``snapshot_every`` events, once the answer of the step that made it due
+is sent (``start``, called under the run's read hold): the capture (a memcpy of the whole state, ~9 ms for
+120 MB on the CPU; on a GPU a copy to the host) then overlaps the worker's next forward and backward instead of
+delaying the answer, and a thread of its own, at a lower CPU priority, writes it. A snapshot-only run, whose
+snapshots are its durability, takes them in the step, before the answer (``take_if_due``).
+
+Publishing a snapshot (one write transaction) records it, prunes the log and the snapshots before it, and
+writes the run's description (last snapshot, state bytes, groups); a snapshot whose run was deleted or rewritten
+meanwhile is dropped. At most one snapshot of a run is in flight; whoever rewrites a run's history (rollback,
+load, delete, recovery) waits for it first (``wait``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from optim_core.run_state import Captured
+
+from ..storage import new_key
+from .live import POSITION, Live, RunContext, described
+
+log = logging.getLogger("optim_service")
+
+
+class _Superseded(Exception):
+    """A snapshot whose run was deleted or rewritten while it was being written: dropped."""
+
+
+def _yield_to_steps() -> None:
+    """Background snapshots run at a lower CPU priority than the steps they must not slow down (on Linux a
+    thread's own nice value; elsewhere setpriority would renice the whole process, so it is left alone)."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class Snapshots:
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot", initializer=_yield_to_steps)
+        # by run id, not on the Live: a run dropped from memory (and loaded again) must still wait for its snapshot
+        self._pending: dict[int, Future[None]] = {}
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ when
+    def in_flight(self, run_id: int) -> bool:
+        pending = self._pending.get(run_id)
+        return pending is not None and not pending.done()
+
+    def wait(self, run_id: int) -> None:
+        """Let a snapshot in flight land (or fail) before the run's history is read or rewritten."""
+        pending = self._pending.get(run_id)
+        if pending is not None:
+            with contextlib.suppress(Exception):  # a failed snapshot was logged by _write
+                pending.result()
+
+    def due(self, live: Live) -> bool:
+        """Whether a run that logs its steps should start a snapshot now (a cheap read, without the run's lock):
+        one at a time; the step after the one in flight lands asks again."""
+        return live.durability == "log" and live.snapshot_due and not self.in_flight(live.id)
+
+    # ------------------------------------------------------------------ taking one
+    def start(self, live: Live) -> None:
+        """Capture the state (under the run's hold) and write it in the background, if one is due."""
+        if not live.snapshot_due or self.in_flight(live.id):
+            return
+        try:
+            captured = live.state.capture()
+        except Exception:
+            log.exception("capturing run %r at t=%d failed", live.name, live.state.t)
+            return
+        future = self._writer.submit(self._write, live, captured, live.seq, described(live.state))
+        self._pending[live.id] = future
+        future.add_done_callback(functools.partial(self._forget, live.id))
+
+    def _forget(self, run_id: int, done: Future[None]) -> None:
+        if self._pending.get(run_id) is done:
+            del self._pending[run_id]
+
+    def take_if_due(self, live: Live) -> None:
+        """A snapshot-only run promises to lose at most ``snapshot_every`` steps: the step that makes one due
+        waits for the one in flight rather than leave it to a next step a preempted worker may never send."""
+        if not live.snapshot_due:
+            return
+        self.wait(live.id)
+        self.start(live)
+
+    def before_drop(self, live: Live) -> None:
+        """Before a run leaves memory (the budget, shutdown): a snapshot-only run writes what it has not."""
+        self.wait(live.id)
+        if live.durability == "snapshot" and live.seq > live.last_snapshot_seq:
+            self.write(live, live.state.capture(), live.seq, described(live.state))
+
+    def _write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any]) -> None:
+        try:
+            self.write(live, captured, seq, facts)
+        except Exception:
+            log.exception("snapshot of run %r at t=%d failed", live.name, captured.t)
+
+    def write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any]) -> None:
+        """Write the captured state, then publish it with ``facts`` (``described`` of the state at the capture),
+        or drop it if the run moved on without it."""
+        digest = captured.digest()
+        key = new_key()
+        # the blob first, outside the transaction: the steps' log records go on while 100s of MB are written
+        size = self.ctx.blobs.put_staged(self.ctx.db, key, captured.parts())
+        try:
+            with self.ctx.db.write(f"publishing the snapshot of run {live.name!r} at t={captured.t}") as repo:
+                row = repo.run_by_id(live.id)
+                if row is None or (live.durability == "log" and row.seq < seq):
+                    raise _Superseded  # deleted, or its history rewritten meanwhile: this state is no longer the run's
+                repo.add_snapshot(live.id, seq=seq, t=captured.t, digest=digest, blob_key=key, size=size)
+                # the event at `seq` stays: it holds the digest a retry of the last step is checked against
+                dropped = repo.prune_events_before(live.id, seq) + repo.prune_snapshots_before(live.id, seq)
+                self.ctx.blobs.delete(repo, dropped)
+                if live.durability == "log":  # its position goes with each step record, not with a snapshot behind it
+                    facts = {k: v for k, v in facts.items() if k not in POSITION}
+                else:  # a snapshot-only run's snapshots are its position
+                    facts = {**facts, "seq": seq}
+                repo.update_run(live.id, **facts, last_snapshot_t=captured.t, last_snapshot_at=datetime.now(UTC))
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self.ctx.blobs.discard(self.ctx.db, key)
+            if isinstance(exc, _Superseded):
+                return
+            raise
+        self.ctx.blobs.drop(dropped)
+        live.last_snapshot_seq, live.last_snapshot_t = seq, captured.t
