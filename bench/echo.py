@@ -34,7 +34,7 @@ async def healthz() -> dict[str, str]:
 
 class EchoServer:
     def __init__(self) -> None:
-        from tests.server import free_port
+        from service.supervisor import free_port
 
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, __file__, str(self.port)], cwd=ROOT)

@@ -40,10 +40,10 @@ from baselines import make_grads, make_params  # noqa: E402
 from echo import http_echo  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from servers import pg_available, service  # noqa: E402
 
 from optim_client import RemoteOptimizer  # noqa: E402
 from optim_client.transport import Transport  # noqa: E402
-from tests.server import PG_AVAILABLE, Server, database  # noqa: E402
 
 console = Console(width=160)
 RESULTS: dict[str, Any] = {}
@@ -170,18 +170,9 @@ def steady_steps(
     return remote_steps(opt, ps, grads, repeats, warmup=0)
 
 
-@contextlib.contextmanager
-def service(db: str, blob_store: str, **env: str) -> Iterator[Server]:
-    with tempfile.TemporaryDirectory(prefix="optim-bench-") as tmp, database(db, Path(tmp)) as url:
-        server = Server(url=url, data_dir=Path(tmp), blob_store=blob_store, env=dict(env)).start()
-        try:
-            yield server
-        finally:
-            server.stop()
-
-
 def stores() -> list[tuple[str, str]]:
-    return [s for s in STORES if s[0] == "sqlite" or PG_AVAILABLE]
+    pg = pg_available()
+    return [s for s in STORES if s[0] == "sqlite" or pg]
 
 
 def show(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -462,7 +453,7 @@ def section_recovery(args: argparse.Namespace) -> None:
             srv.start()
             started = time.perf_counter()
             http = Transport(srv.base)
-            http.request("GET", f"/runs/{run}")  # the run's first request: recovered here (snapshot + log replay)
+            http.request("GET", f"/runs/{run}/digest")  # the first request on its state: recovered here (snapshot + log)
             recovered = time.perf_counter()
             http.close()
             opt2 = remote(srv.base, ps, "torch.AdamW", "default", run=run, durability="log", snapshot_every=20)

@@ -5,12 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +21,7 @@ from safetensors.torch import save as st_save
 
 from service.settings import Settings
 from service.storage import migrate as upgrade
+from service.supervisor import ServiceProcess, free_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -69,75 +66,55 @@ def migrate(url: str, tmp: Path, revision: str = "head") -> None:
     upgrade(Settings(database_url=url, data_dir=tmp), revision)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # every server a test started, in order: tests/conftest.py kills those a failing test left running
 STARTED: list[Server] = []
 
 
 @dataclass
 class Server:
+    """A real server process (``service.supervisor.ServiceProcess``) on a test's database and data directory."""
+
     url: str
     data_dir: Path
     blob_store: str = "database"
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    process: ServiceProcess | None = None
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.process.proc if self.process is not None else None
+
     def start(self, timeout: float = 90) -> Server:
         env = {
-            **os.environ,
             "OPTIM_DATABASE_URL": self.url,
             "OPTIM_DATA_DIR": str(self.data_dir),
             "OPTIM_BLOB_STORE": self.blob_store,
             **self.env,
         }
-        log = open(self.data_dir / f"server-{self.starts}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        self.process = ServiceProcess(port=self.port, env=env, log=self.data_dir / f"server-{self.starts}.log")
         self.starts += 1
         if not any(s is self for s in STARTED):
             STARTED.append(self)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()[-2000:]}")
-            try:
-                if httpx.get(self.base + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"server did not start in {timeout}s: {self.log()[-2000:]}")
+        self.process.start(timeout)
+        return self
 
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.data_dir.glob("server-*.log")))
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hook runs, as in a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        if self.process is not None:
+            self.process.kill()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.process is not None:
+            self.process.stop()
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base, timeout=60)

@@ -19,8 +19,7 @@ from optim_core import RunState
 from ..errors import CheckpointConflict, CheckpointNotFound, RecoveryFailed, RunConflict, from_engine
 from ..storage import Duplicate, Repository, new_key
 from ..storage.models import Checkpoint, Run
-from .lifecycle import spec_digest
-from .live import Live, RunContext, described
+from .live import Live, RunContext, described, spec_digest
 from .recovery import read_state
 from .snapshots import Snapshots
 

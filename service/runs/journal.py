@@ -85,6 +85,7 @@ def commit(
                     lrs=state.lrs,
                     skipped_steps=state.skipped_steps,
                     rejected_steps=live.rejected_steps,
+                    state_bytes=live.measure(),
                 )
         except StorageUnavailable:
             live.stale = f"its {kind} at t={t} was applied in memory but could not be logged"

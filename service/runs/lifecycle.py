@@ -8,8 +8,6 @@ position) and says it is live.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
@@ -23,16 +21,11 @@ from schemas import RunCreate, RunPublic
 from ..errors import Invalid, RunConflict, RunNotFound, from_engine
 from ..storage import Duplicate, new_key
 from ..storage.models import Run
-from .live import Live, RunContext, described
+from .live import Live, RunContext, described, spec_digest
 from .registry import RunRegistry
 
 # the initial parameters: decoded in the worker thread that builds the run (tensor work stays off the event loop)
 ParamsReader = Callable[[RunSpec], Mapping[str, torch.Tensor]]
-
-
-def spec_digest(spec: RunSpec, durability: str, snapshot_every: int) -> str:
-    canonical = json.dumps({"spec": spec.to_dict(), "durability": durability, "snapshot_every": snapshot_every}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def public(row: Run, live: Live | None) -> RunPublic:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -9,7 +11,7 @@ from typing import Any
 
 import torch
 
-from optim_core import RunState
+from optim_core import RunSpec, RunState
 
 from ..settings import Settings
 from ..stepper import Stepper
@@ -18,6 +20,12 @@ from ..storage import BlobStore, Database
 RunKey = tuple[str, str]  # (tenant, run name)
 # the run's columns that say where it stands: a run that logs its steps writes them with every step record
 POSITION = ("t", "epoch", "lrs", "skipped_steps")
+
+
+def spec_digest(spec: RunSpec, durability: str, snapshot_every: int) -> str:
+    """A run's identity: creating it again with the same spec and policy answers the existing run."""
+    canonical = json.dumps({"spec": spec.to_dict(), "durability": durability, "snapshot_every": snapshot_every}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def described(state: RunState) -> dict[str, Any]:

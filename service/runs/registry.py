@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from collections import OrderedDict
@@ -174,7 +175,7 @@ class RunRegistry:
         async with self._shrinking:
             for key in list(self._recent):
                 if self.live_bytes() <= self.budget:
-                    return
+                    break
                 slot = self._slots.get(key)
                 if slot is None or slot.live is None or slot.users or not slot.lock.try_acquire_write():
                     continue  # in use: the run being served is never dropped
@@ -192,6 +193,9 @@ class RunRegistry:
                     await slot.lock.release(write=True)
                 if slot.users == 0 and slot.live is None:
                     self._slots.pop(key, None)
+            # a RunState is a web of cycles (modules, optimizers, schedulers hold each other): without a collection
+            # its tensors would wait for the collector's next full pass, and the memory they free would not be reused
+            gc.collect()
 
     async def drop_all(self) -> None:
         """At shutdown: every run leaves memory as it would under the budget (snapshot-only runs write theirs)."""

@@ -10,6 +10,11 @@ Publishing a snapshot (one write transaction) records it, prunes the log and the
 writes the run's description (last snapshot, state bytes, groups); a snapshot whose run was deleted or rewritten
 meanwhile is dropped. At most one snapshot of a run is in flight; whoever rewrites a run's history (rollback,
 load, delete, recovery) waits for it first (``wait``).
+
+A capture is a copy of the whole state waiting for the one writer thread: at most ``IN_FLIGHT`` of them exist at
+once, whatever the number of runs, so that many runs coming due together do not queue a copy each (measured:
+ten 48 MB runs due in the same round queued 480 MB of copies). A run that logs its steps, finding no room, is
+captured at a later step (its log holds every step meanwhile); a snapshot-only run waits for room.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ..storage import new_key
 from .live import POSITION, Live, RunContext, described
 
 log = logging.getLogger("optim_service")
+IN_FLIGHT = 2  # captured states in memory at once, being written or waiting for the writer
 
 
 class _Superseded(Exception):
@@ -50,6 +56,7 @@ class Snapshots:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot", initializer=_yield_to_steps)
         # by run id, not on the Live: a run dropped from memory (and loaded again) must still wait for its snapshot
         self._pending: dict[int, Future[None]] = {}
+        self._room = threading.BoundedSemaphore(IN_FLIGHT)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -68,24 +75,27 @@ class Snapshots:
 
     def due(self, live: Live) -> bool:
         """Whether a run that logs its steps should start a snapshot now (a cheap read, without the run's lock):
-        one at a time; the step after the one in flight lands asks again."""
+        one at a time per run; the step after the one in flight lands asks again."""
         return live.durability == "log" and live.snapshot_due and not self.in_flight(live.id)
 
     # ------------------------------------------------------------------ taking one
-    def start(self, live: Live) -> None:
-        """Capture the state (under the run's hold) and write it in the background, if one is due."""
-        if not live.snapshot_due or self.in_flight(live.id):
+    def start(self, live: Live, *, wait_for_room: bool = False) -> None:
+        """Capture the state (under the run's hold) and write it in the background, if one is due and there is
+        room for its copy (or, with ``wait_for_room``, once there is)."""
+        if not live.snapshot_due or self.in_flight(live.id) or not self._room.acquire(blocking=wait_for_room):
             return
         try:
             captured = live.state.capture()
+            future = self._writer.submit(self._write, live, captured, live.seq, described(live.state))
         except Exception:
+            self._room.release()
             log.exception("capturing run %r at t=%d failed", live.name, live.state.t)
             return
-        future = self._writer.submit(self._write, live, captured, live.seq, described(live.state))
         self._pending[live.id] = future
-        future.add_done_callback(functools.partial(self._forget, live.id))
+        future.add_done_callback(functools.partial(self._landed, live.id))
 
-    def _forget(self, run_id: int, done: Future[None]) -> None:
+    def _landed(self, run_id: int, done: Future[None]) -> None:
+        self._room.release()
         if self._pending.get(run_id) is done:
             del self._pending[run_id]
 
@@ -95,7 +105,7 @@ class Snapshots:
         if not live.snapshot_due:
             return
         self.wait(live.id)
-        self.start(live)
+        self.start(live, wait_for_room=True)
 
     def before_drop(self, live: Live) -> None:
         """Before a run leaves memory (the budget, shutdown): a snapshot-only run writes what it has not."""

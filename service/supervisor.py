@@ -1,0 +1,99 @@
+"""An optim-service server as a process of its own: started, waited for until it answers, stopped or killed.
+
+What a supervisor (systemd, Kubernetes, ``optim-service supervise``) does with the server, as a class: the
+benchmarks and the tests start real servers with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def answers(host: str, port: int, path: str = "/healthz", timeout: float = 1.0) -> bool:
+    """Whether a server on ``host:port`` answers ``path`` with 200."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+class ServiceProcess:
+    """``optim-service serve`` on ``host:port`` with ``env`` (``OPTIM_*`` settings), its output in ``log``."""
+
+    def __init__(
+        self, *, port: int | None = None, env: Mapping[str, str] | None = None, log: Path | None = None, host: str = "127.0.0.1"
+    ) -> None:
+        self.host, self.port = host, port or free_port()
+        self.env = dict(env or {})
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 90) -> ServiceProcess:
+        """Start the process and wait until it answers ``/healthz``; a process that exits first raises with its
+        output's end."""
+        args = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
+        with open(self.log, "ab") if self.log is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(args, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-2000:] if self.log is not None else ""
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {tail}")
+            if answers(self.host, self.port):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not answer in {timeout}s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, as in a crash."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM: a clean stop (snapshot-only runs write theirs); killed if it takes longer than ``timeout``."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
