@@ -121,16 +121,39 @@ def _torch_groups(module: ParamModule, groups: GroupsSpec, weight_decay: float) 
     return [{"params": list(module.parameters())}]
 
 
-def build_optimizer(entry: OptimizerEntry, module: ParamModule, opt: OptimizerSpec, groups: GroupsSpec) -> torch.optim.Optimizer:
+def _requested_implementations(opt: OptimizerSpec, groups: GroupsSpec) -> list[str]:
+    """Every implementation the spec asks for: ``implementation``, and ``foreach``/``fused`` given as options."""
+    requested = [opt.implementation] if opt.implementation != "default" else []
+    for options in (opt.kwargs, *(g.options for g in groups.groups)):
+        requested += [k for k in ("foreach", "fused") if options.get(k) is True and k not in requested]
+    return requested
+
+
+def check_implementations(entry: OptimizerEntry, opt: OptimizerSpec, groups: GroupsSpec, device_type: str) -> None:
+    """Refuse an implementation that the optimizer lacks, or lacks on this device, before torch is asked (torch
+    would refuse some only at the first step, after the run was stored: fused Adagrad on CUDA before torch 2.12)."""
+    for implementation in _requested_implementations(opt, groups):
+        if implementation not in entry.implementations:
+            raise SpecError(
+                f"optimizer {entry.name!r} has no {implementation!r} implementation; it has: {list(entry.implementations)}"
+            )
+        here = entry.implementations_on(device_type)
+        if implementation not in here:
+            raise SpecError(
+                f"optimizer {entry.name!r} has no {implementation!r} implementation on {device_type!r} "
+                f"(torch {torch.__version__}); on {device_type!r} it has: {list(here)}"
+            )
+
+
+def build_optimizer(
+    entry: OptimizerEntry, module: ParamModule, opt: OptimizerSpec, groups: GroupsSpec, *, device_type: str
+) -> torch.optim.Optimizer:
     """Build the optimizer with timm's factory or torch's class: never a re-implementation."""
+    check_implementations(entry, opt, groups, device_type)
     kwargs = dict(opt.kwargs)
     if opt.lr is not None:
         kwargs["lr"] = opt.lr
     if opt.implementation != "default":
-        if opt.implementation not in entry.implementations:
-            raise SpecError(
-                f"optimizer {entry.name!r} has no {opt.implementation!r} implementation; it has: {list(entry.implementations)}"
-            )
         kwargs[opt.implementation] = True
     lookahead = {k: kwargs.pop(k) for k in ("lookahead_alpha", "lookahead_k") if k in kwargs}
     try:

@@ -25,6 +25,7 @@ from optim_format import FormatError, snapshot, tree
 from . import export, inputs
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
+from .devices import pick_device
 from .errors import (
     NonFiniteGradient,
     SnapshotError,
@@ -41,13 +42,6 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # torch's global generator is process-wide: runs whose optimizer draws from it take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
 __all__ = ["MAX_T", "Captured", "RunState", "StepResult", "pick_device"]
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA when present, else CPU; the same code path on both."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -86,7 +80,7 @@ class RunState:
             self._rng = {"cpu": torch.Generator().manual_seed(self.spec.seed).get_state()}
             if self.device.type == "cuda":
                 self._rng["cuda"] = torch.Generator(self.device).manual_seed(self.spec.seed).get_state()
-        self.optimizer = build_optimizer(self.entry, self.module, self.spec.optimizer, groups)
+        self.optimizer = build_optimizer(self.entry, self.module, self.spec.optimizer, groups, device_type=self.device.type)
         self.names_in_optimizer_order = self._optimizer_order()
         self.schedule = Schedule(self.spec.scheduler, self.optimizer) if self.spec.scheduler else None
         self.swa = Swa(self.spec.swa, self.module, self.optimizer) if self.spec.swa else None

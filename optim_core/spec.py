@@ -150,6 +150,9 @@ def _check_hyperparameter(key: str, value: Any) -> None:
     where = f"optimizer.{key}"
     if isinstance(value, float) and not math.isfinite(value):
         raise SpecError(f"{where} must be finite, got {value!r}")
+    if key in ("foreach", "fused") and value is not None and not isinstance(value, bool):
+        # these choose a kernel, and the engine checks the choice against the run's device (as for "implementation")
+        raise SpecError(f"{where} must be true, false or null, got {value!r}")
     if key in ("eps", "momentum", "dampening", "alpha", "lr_decay"):
         if not isinstance(value, bool) and isinstance(value, (int, float)):
             _number(where, value, minimum=0.0)
