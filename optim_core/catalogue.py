@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -21,6 +20,7 @@ import timm.optim
 import torch
 from torch.optim.optimizer import required as _REQUIRED
 
+from .describe import jsonable
 from .devices import DEVICE_TYPES, IMPLEMENTATIONS, default_device_type, implementations_by_device
 from .errors import Unavailable, UnknownName
 
@@ -92,18 +92,6 @@ class OptimizerEntry:
         }
 
 
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    return repr(value)
-
-
 def _signature(cls: type) -> tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]:
     """The constructor's hyper-parameters, their defaults, and those that must be given (no default, or torch's
     ``required`` sentinel)."""
@@ -115,7 +103,7 @@ def _signature(cls: type) -> tuple[tuple[str, ...], dict[str, Any], tuple[str, .
         if p.default is p.empty or p.default is _REQUIRED:
             required.append(p.name)
         else:
-            defaults[p.name] = _jsonable(p.default)
+            defaults[p.name] = jsonable(p.default)
     return tuple(names), defaults, tuple(required)
 
 
@@ -162,7 +150,7 @@ def _timm_entry(name: str, *, lookahead: bool) -> OptimizerEntry:
     timm_defaults = dict(info.defaults or {})
     if info.has_momentum:
         timm_defaults.setdefault("momentum", 0.9)  # create_optimizer_v2's own default
-    defaults.update({k: _jsonable(v) for k, v in timm_defaults.items()})
+    defaults.update({k: jsonable(v) for k, v in timm_defaults.items()})
     required = tuple(r for r in required if r not in timm_defaults)
     needs, reason = _optional_package(class_path)
     by_device = implementations_by_device(cls)

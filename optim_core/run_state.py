@@ -10,7 +10,6 @@ the same gradients is bitwise the uninterrupted one (same torch version, same de
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 from collections.abc import Iterator, Mapping
@@ -22,18 +21,19 @@ import torch
 
 from optim_format import FormatError, snapshot, tree
 
-from . import export, inputs
+from . import describe, export, inputs
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
 from .devices import pick_device
 from .errors import (
     NonFiniteGradient,
     SnapshotError,
+    SpecError,
     StepFailed,
     StepMismatch,
 )
 from .export import MAX_T
-from .params import ParamModule, build_optimizer
+from .params import ParamModule, build_optimizer, show_options
 from .schedulers import Schedule
 from .spec import RunSpec
 
@@ -47,7 +47,7 @@ __all__ = ["MAX_T", "Captured", "RunState", "StepResult", "pick_device"]
 @dataclass(frozen=True)
 class StepResult:
     t: int
-    lrs: list[float]
+    lrs: list[float | None]  # None: a group without one LR (RunState.lr_notes says why)
     skipped: bool = False
 
 
@@ -82,6 +82,7 @@ class RunState:
                 self._rng["cuda"] = torch.Generator(self.device).manual_seed(self.spec.seed).get_state()
         self.optimizer = build_optimizer(self.entry, self.module, self.spec.optimizer, groups, device_type=self.device.type)
         self.names_in_optimizer_order = self._optimizer_order()
+        self._require_numeric_lrs()
         self.schedule = Schedule(self.spec.scheduler, self.optimizer) if self.spec.scheduler else None
         self.swa = Swa(self.spec.swa, self.module, self.optimizer) if self.spec.swa else None
         self.ema = Ema(self.spec.ema, self.module) if self.spec.ema else None
@@ -89,6 +90,24 @@ class RunState:
         self.epoch = 0
         self.skipped_steps = 0
         self._broken: str | None = None
+
+    def _require_numeric_lrs(self) -> None:
+        """Schedulers and SWALR scale a group's LR: one that has none (timm's Adafactor, lr=None) cannot be scheduled."""
+        users = []
+        if self.spec.scheduler:
+            users.append(f"scheduler {self.spec.scheduler.get('name')!r}")
+        if self.spec.swa is not None and self.spec.swa.swa_lr is not None:
+            users.append("swa.swa_lr (SWALR)")
+        if not users:
+            return
+        notes = self.lr_notes()
+        missing = [i for i, note in enumerate(notes) if note is not None]
+        if missing:
+            raise SpecError(
+                f"{' and '.join(users)} scale(s) the lr of every param group; optimizer {self.entry.name!r} with "
+                f"options {show_options(self.spec.optimizer)} has none in group(s) {missing}: {notes[missing[0]]}. "
+                "Give optimizer.lr, or leave the schedule to the optimizer"
+            )
 
     # ------------------------------------------------------------------ checks
     def check_gradients(self, grads: Mapping[str, torch.Tensor], *, donate: bool = False) -> dict[str, torch.Tensor]:
@@ -112,8 +131,14 @@ class RunState:
 
     # ------------------------------------------------------------------ stepping
     @property
-    def lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
+    def lrs(self) -> list[float | None]:
+        """The LR each param group steps with; None where the optimizer has no one number (see :meth:`lr_notes`)."""
+        return describe.lrs(self.optimizer.param_groups)
+
+    def lr_notes(self) -> list[str | None]:
+        """For each group, why its entry in :attr:`lrs` is None (None where it is a number), e.g.
+        ``"relative step size (timm Adafactor, lr=None): computed per parameter at every step"``."""
+        return describe.lr_notes(self.optimizer.param_groups, self.entry.class_path)
 
     def apply(self, grads: Mapping[str, torch.Tensor], t: int, loss: float | None = None, *, donate: bool = False) -> StepResult:
         """Apply the gradients computed at step ``t`` (which must be the current step count). ``donate``: the
@@ -299,22 +324,31 @@ class RunState:
         return export.load_export(self, data)
 
     def groups(self) -> list[dict[str, Any]]:
-        """The optimizer's param groups by name, with their JSON-able options."""
-        names = self.names_in_optimizer_order
-        out = []
-        for g in self.optimizer.state_dict()["param_groups"]:
-            options = {k: v for k, v in g.items() if k != "params" and (v is None or isinstance(v, (bool, int, float, str)))}
-            out.append({"params": [names[i] for i in g["params"]], **options})
-        return out
+        """The optimizer's param groups by name, with every option they hold, as JSON (``betas`` as a list)."""
+        return describe.named_groups(self.optimizer.state_dict()["param_groups"], self.names_in_optimizer_order)
 
-    def preview_lrs(self, count: int) -> list[list[float]]:
+    def describe(self) -> dict[str, Any]:
+        """The JSON-able facts a service answers about the run: ``t``, ``epoch``, ``lr`` (per group, None where
+        there is none), ``lr_notes`` (why), ``groups``, ``skipped_steps``, ``device`` and ``digest``."""
+        return {
+            "t": self.t,
+            "epoch": self.epoch,
+            "lr": self.lrs,
+            "lr_notes": self.lr_notes(),
+            "groups": self.groups(),
+            "skipped_steps": self.skipped_steps,
+            "device": self.device.type,
+            "digest": self.digest(),
+        }
+
+    def preview_lrs(self, count: int) -> list[list[float | None]]:
         """The LR of every group for the next ``count`` intervals of the scheduler, computed on a copy.
 
         Plateau schedulers are previewed as if the metric never improved or worsened enough to act.
         """
         if self.schedule is None:
             return [self.lrs for _ in range(count)]
-        shadow = _ShadowOptimizer(self.optimizer)
+        shadow = describe.ShadowOptimizer(self.optimizer)
         tensors: dict[str, torch.Tensor] = {}
         schedule = Schedule(self.spec.scheduler or {}, shadow)
         schedule.load_state_dict(tree.decode_tree(tree.encode_tree(self.schedule.state_dict(), "", tensors), tensors))
@@ -326,7 +360,7 @@ class RunState:
                 schedule.after_epoch(self.epoch + i, None if not schedule.needs_metric else float("inf"))
             else:
                 schedule.after_step(self.t + i, None if not schedule.needs_metric else float("inf"))
-            out.append([float(g["lr"]) for g in shadow.param_groups])
+            out.append(describe.lrs(shadow.param_groups))
         return out
 
     def digest(self) -> str:
@@ -399,19 +433,3 @@ class Captured:
 
     def digest(self) -> str:
         return snapshot.digest(self.meta, self.tensors)
-
-
-class _ShadowOptimizer(torch.optim.Optimizer):
-    """An optimizer with the run's param groups (hyper-parameters only) and no real parameters:
-    schedulers step it to preview the LR without touching the run."""
-
-    def __init__(self, real: torch.optim.Optimizer) -> None:
-        groups = [
-            {**copy.deepcopy({k: v for k, v in g.items() if k != "params"}), "params": [torch.zeros(1)]}
-            for g in real.param_groups
-        ]
-        super().__init__(groups, copy.deepcopy(real.defaults))
-
-    def load_groups(self, real: torch.optim.Optimizer) -> None:
-        for mine, theirs in zip(self.param_groups, real.param_groups, strict=True):
-            mine.update(copy.deepcopy({k: v for k, v in theirs.items() if k != "params"}))

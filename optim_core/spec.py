@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import torch
 
 from optim_format import dtypes
 
+from .catalogue import TORCH_PREFIX
 from .errors import SpecError
 
 MAX_NAME_LENGTH = 512
@@ -174,7 +176,10 @@ class GroupSpec:
 
 @dataclass(frozen=True)
 class GroupsSpec:
-    filter_bias_and_bn: bool = True
+    # None: the optimizer's library decides, as it does for a user in-process: timm's create_optimizer_v2 filters
+    # (its own default), a torch.* class does not (torch.optim.X(model.parameters()) decays every tensor alike).
+    # RunSpec.from_dict resolves it, so a stored spec always says which (issue 19).
+    filter_bias_and_bn: bool | None = None
     no_weight_decay: tuple[str, ...] = ()
     fallback: tuple[str, ...] = ()
     layer_decay: float | None = None
@@ -198,9 +203,9 @@ class GroupsSpec:
             "groups",
         }
         _require_keys("param_groups", data, allowed)
-        filt = data.get("filter_bias_and_bn", True)
-        if not isinstance(filt, bool):
-            raise SpecError(f"param_groups.filter_bias_and_bn must be true or false, got {filt!r}")
+        filt = data.get("filter_bias_and_bn")
+        if filt is not None and not isinstance(filt, bool):
+            raise SpecError(f"param_groups.filter_bias_and_bn must be true, false or null (the library's default), got {filt!r}")
         layer_decay = data.get("layer_decay")
         if layer_decay is not None:
             _number("param_groups.layer_decay", layer_decay, minimum=0.0)
@@ -239,8 +244,17 @@ class GroupsSpec:
             groups=tuple(groups),
         )
 
+    def for_optimizer(self, name: str) -> GroupsSpec:
+        """These groups with ``filter_bias_and_bn`` decided for optimizer ``name`` where the spec left it to the
+        library: off for torch.* classes, on for timm names (``create_optimizer_v2``'s default)."""
+        if self.filter_bias_and_bn is not None:
+            return self
+        return dataclasses.replace(self, filter_bias_and_bn=not name.startswith(TORCH_PREFIX))
+
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"filter_bias_and_bn": self.filter_bias_and_bn}
+        out: dict[str, Any] = {}
+        if self.filter_bias_and_bn is not None:
+            out["filter_bias_and_bn"] = self.filter_bias_and_bn
         if self.no_weight_decay:
             out["no_weight_decay"] = list(self.no_weight_decay)
         if self.fallback:
@@ -424,10 +438,11 @@ class RunSpec:
         scheduler = data.get("scheduler")
         if scheduler is not None and not isinstance(scheduler, Mapping):
             raise SpecError(f"spec.scheduler must be an object with a 'name', got {scheduler!r}")
+        optimizer = OptimizerSpec.from_dict(data["optimizer"])
         return cls(
             params=params,
-            optimizer=OptimizerSpec.from_dict(data["optimizer"]),
-            param_groups=GroupsSpec.from_dict(data.get("param_groups")),
+            optimizer=optimizer,
+            param_groups=GroupsSpec.from_dict(data.get("param_groups")).for_optimizer(optimizer.name),
             scheduler=scheduler,
             ema=EmaSpec.from_dict(data.get("ema")),
             swa=SwaSpec.from_dict(data.get("swa")),

@@ -48,6 +48,15 @@ BAD_SPECS = [
     ({"optimizer": {"name": "torch.Rprop", "weight_decay": 0.1}}, SpecError, "has no weight_decay"),
     ({"optimizer": {"name": "lion", "implementation": "fused"}}, SpecError, "no 'fused' implementation"),
     ({"optimizer": {"name": "adamw", "implementation": "turbo"}}, SpecError, "turbo"),
+    # only lookahead_ entries take lookahead_*: elsewhere the class refuses it (it was dropped silently)
+    ({"optimizer": {"name": "adamw", "lookahead_k": 5}}, SpecError, "'adamw' rejected its options {lookahead_k=5}: TypeError"),
+    # timm's Adafactor without lr steps by relative step sizes: there is no LR for a scheduler or SWALR to scale
+    ({"optimizer": {"name": "adafactor"}}, SpecError, r"scheduler 'LambdaLR' scale\(s\) the lr .* relative step size"),
+    (
+        {"optimizer": {"name": "cadafactor"}, "scheduler": None, "swa": {"start": 2, "swa_lr": 0.01}},
+        SpecError,
+        r"swa.swa_lr \(SWALR\) scale\(s\).*group\(s\) \[0\]",
+    ),
     ({"optimizer": 3}, SpecError, "optimizer must be a name"),
     ({"scheduler": {"name": "CosineAnnealingLRR"}}, UnknownName, "CosineAnnealingLRR"),
     ({"scheduler": {"name": "StepLR"}}, SpecError, "StepLR rejected"),

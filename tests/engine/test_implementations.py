@@ -102,12 +102,7 @@ def test_describe_says_what_runs_where() -> None:
 
 
 def _spec(model: torch.nn.Module, name: str, **optimizer: Any) -> dict[str, Any]:
-    # filter_bias_and_bn off: the spec is then exactly `Class(model.parameters(), ...)` for torch.* too
-    return {
-        "params": manifest(model),
-        "optimizer": {"name": name, "lr": 0.01, **optimizer},
-        "param_groups": {"filter_bias_and_bn": False},
-    }
+    return {"params": manifest(model), "optimizer": {"name": name, "lr": 0.01, **optimizer}}
 
 
 @pytest.mark.parametrize(
