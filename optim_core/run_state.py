@@ -21,7 +21,7 @@ import torch
 
 from optim_format import FormatError, snapshot, tree
 
-from . import describe, export, inputs
+from . import creation, describe, export, inputs
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
 from .devices import pick_device
@@ -84,12 +84,25 @@ class RunState:
         self.names_in_optimizer_order = self._optimizer_order()
         self._require_numeric_lrs()
         self.schedule = Schedule(self.spec.scheduler, self.optimizer) if self.spec.scheduler else None
-        self.swa = Swa(self.spec.swa, self.module, self.optimizer) if self.spec.swa else None
-        self.ema = Ema(self.spec.ema, self.module) if self.spec.ema else None
+        try:
+            self.swa = Swa(self.spec.swa, self.module, self.optimizer) if self.spec.swa else None
+            self.ema = Ema(self.spec.ema, self.module) if self.spec.ema else None
+        except Exception as exc:  # torch's SWALR / AveragedModel or timm's ModelEmaV3 refusing the spec's values
+            raise SpecError(f"averaging {self._averaging_shown()} rejected: {type(exc).__name__}: {exc}") from None
         self.t = 0
         self.epoch = 0
         self.skipped_steps = 0
         self._broken: str | None = None
+
+    @classmethod
+    def create(
+        cls, spec: RunSpec | Mapping[str, Any], params: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None
+    ) -> tuple[RunState, dict[str, Any]]:
+        """A new run from a user's spec, and its :meth:`describe`: the one entry point before anything is stored.
+
+        Everything torch or timm refuse while the run is built, takes its first step, or is described is a
+        :class:`SpecError` naming the entry and the options, in the library's words (``optim_core.creation``)."""
+        return creation.create(cls, spec, params, device=device)
 
     def _require_numeric_lrs(self) -> None:
         """Schedulers and SWALR scale a group's LR: one that has none (timm's Adafactor, lr=None) cannot be scheduled."""
@@ -108,6 +121,10 @@ class RunState:
                 f"options {show_options(self.spec.optimizer)} has none in group(s) {missing}: {notes[missing[0]]}. "
                 "Give optimizer.lr, or leave the schedule to the optimizer"
             )
+
+    def _averaging_shown(self) -> str:
+        shown = [f"{name} {avg.to_dict()}" for name, avg in (("ema", self.spec.ema), ("swa", self.spec.swa)) if avg is not None]
+        return ", ".join(shown)
 
     # ------------------------------------------------------------------ checks
     def check_gradients(self, grads: Mapping[str, torch.Tensor], *, donate: bool = False) -> dict[str, torch.Tensor]:

@@ -143,7 +143,7 @@ def test_each_implementation_matches_like_with_like(name: str, device: str) -> N
             ref = getattr(torch.optim, name.removeprefix(TORCH_PREFIX))(model.parameters(), lr=0.01, **{implementation: True})
         else:
             ref = timm.optim.create_optimizer_v2(model, opt=name, lr=0.01, **{implementation: True})
-        run = RunState(spec, initial_params(model), device=device)
+        run, _ = RunState.create(spec, initial_params(model), device=device)
         for k, g in enumerate(make_grads(model, 3)):
             set_grads(model, g)
             ref.step()

@@ -131,11 +131,10 @@ def test_defaults_alone_are_the_library_s(name: str, device: str) -> None:
         ref = _reference(name, model)
     except (ValueError, TypeError) as exc:  # timm's SGDP has no default lr: the library itself refuses
         with pytest.raises(SpecError) as info:
-            RunState(spec, initial_params(model), device=device)
+            RunState.create(spec, initial_params(model), device=device)
         assert name in str(info.value) and str(exc) in str(info.value)
         return
-    run = RunState(spec, initial_params(model), device=device)
-    facts = run.describe()
+    run, facts = RunState.create(spec, initial_params(model), device=device)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in ref.param_groups for p in g["params"]]
     expected_groups = [
