@@ -10,6 +10,7 @@ import pytest
 import timm.optim
 import torch
 
+from optim_client.remote import _as_torch
 from optim_core import RunState, SpecError, Unavailable, get_optimizer, list_optimizers
 from optim_core.catalogue import LOOKAHEAD_PREFIX, TORCH_PREFIX
 from optim_format import framing
@@ -187,6 +188,21 @@ def test_a_stored_torch_spec_that_filters_keeps_filtering() -> None:
         run.apply(g, k)
     assert_params_bitwise(model, run.params(), "filtered torch.AdamW")
     assert [g["weight_decay"] for g in run.groups()] == [0.0, WD]
+
+
+@pytest.mark.parametrize("name", ["torch.AdamW", "adamw", "torch.Rprop", "lamb", "lookahead_adan"])
+def test_groups_read_back_by_the_client_are_torch_s(name: str) -> None:
+    """RemoteOptimizer builds its param_groups from the service's JSON ``groups``: the options come back as torch
+    holds them, tuples included (``betas``, Rprop's ``etas`` and ``step_sizes``)."""
+    model = make_model()
+    run = RunState({"params": manifest(model), "optimizer": {"name": name}}, initial_params(model))
+    received = json.loads(json.dumps(run.groups()))
+    ref = _reference(name, model)
+    for mine, theirs in zip(received, ref.param_groups, strict=True):
+        options = {k: _as_torch(v) for k, v in mine.items() if k != "params"}
+        expected = {k: v for k, v in theirs.items() if k != "params"}
+        assert options == expected and {k: type(v) for k, v in options.items()} == {k: type(v) for k, v in expected.items()}
+    assert any(isinstance(v, tuple) for g in ref.param_groups for v in g.values())  # the case has tuples to restore
 
 
 @pytest.mark.parametrize("name", UNAVAILABLE)
