@@ -1,16 +1,20 @@
 """What a run says about itself, as JSON: the LR of each param group, why a group has none, the groups' options,
-and the LR curve ahead. Every function here answers for any state torch or timm can hold; none raises on odd
+Every function here answers for any state torch or timm can hold; none raises on odd
 values (an answer that cannot be written as JSON is the service's 500, issue 22).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .errors import SpecError
+
+if TYPE_CHECKING:
+    from .spec import RunSpec
 
 # Why a group's LR is None, by the optimizer class that leaves it so. timm's Adafactor with lr=None computes a
 # relative step size per parameter at every step (and writes the last parameter's into the group), so no one
@@ -80,17 +84,17 @@ def named_groups(state_dict_groups: Sequence[Mapping[str, Any]], names: Sequence
     return out
 
 
-class ShadowOptimizer(torch.optim.Optimizer):
-    """An optimizer with the run's param groups (hyper-parameters only) and no real parameters:
-    schedulers step it to preview the LR without touching the run."""
-
-    def __init__(self, real: torch.optim.Optimizer) -> None:
-        groups = [
-            {**copy.deepcopy({k: v for k, v in g.items() if k != "params"}), "params": [torch.zeros(1)]}
-            for g in real.param_groups
-        ]
-        super().__init__(groups, copy.deepcopy(real.defaults))
-
-    def load_groups(self, real: torch.optim.Optimizer) -> None:
-        for mine, theirs in zip(self.param_groups, real.param_groups, strict=True):
-            mine.update(copy.deepcopy({k: v for k, v in theirs.items() if k != "params"}))
+def require_numeric_lrs(spec: RunSpec, groups: Sequence[Mapping[str, Any]], class_path: str) -> None:
+    """A SpecError where the spec schedules the LR (a scheduler, SWALR) of an optimizer that has none in some group."""
+    users = [f"scheduler {spec.scheduler.get('name')!r}"] if spec.scheduler else []
+    if spec.swa is not None and spec.swa.swa_lr is not None:
+        users.append("swa.swa_lr (SWALR)")
+    notes = lr_notes(groups, class_path)
+    missing = [i for i, note in enumerate(notes) if note is not None]
+    if users and missing:
+        given = {k: v for k, v in spec.optimizer.to_dict().items() if k not in ("name", "implementation")}
+        raise SpecError(
+            f"{' and '.join(users)} scale(s) the lr of every param group; optimizer {spec.optimizer.name!r} with "
+            f"options {given} has none in group(s) {missing}: {notes[missing[0]]}. "
+            "Give optimizer.lr, or leave the schedule to the optimizer"
+        )

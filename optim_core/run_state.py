@@ -33,7 +33,7 @@ from .errors import (
     StepMismatch,
 )
 from .export import MAX_T
-from .params import ParamModule, build_optimizer, show_options
+from .params import ParamModule, build_optimizer
 from .schedulers import Schedule
 from .spec import RunSpec
 
@@ -82,7 +82,8 @@ class RunState:
                 self._rng["cuda"] = torch.Generator(self.device).manual_seed(self.spec.seed).get_state()
         self.optimizer = build_optimizer(self.entry, self.module, self.spec.optimizer, groups, device_type=self.device.type)
         self.names_in_optimizer_order = self._optimizer_order()
-        self._require_numeric_lrs()
+        # schedulers and SWALR scale every group's LR: one without (timm's Adafactor, lr=None) cannot be scheduled
+        describe.require_numeric_lrs(self.spec, self.optimizer.param_groups, self.entry.class_path)
         self.schedule = Schedule(self.spec.scheduler, self.optimizer) if self.spec.scheduler else None
         try:
             self.swa = Swa(self.spec.swa, self.module, self.optimizer) if self.spec.swa else None
@@ -103,24 +104,6 @@ class RunState:
         Everything torch or timm refuse while the run is built, takes its first step, or is described is a
         :class:`SpecError` naming the entry and the options, in the library's words (``optim_core.creation``)."""
         return creation.create(cls, spec, params, device=device)
-
-    def _require_numeric_lrs(self) -> None:
-        """Schedulers and SWALR scale a group's LR: one that has none (timm's Adafactor, lr=None) cannot be scheduled."""
-        users = []
-        if self.spec.scheduler:
-            users.append(f"scheduler {self.spec.scheduler.get('name')!r}")
-        if self.spec.swa is not None and self.spec.swa.swa_lr is not None:
-            users.append("swa.swa_lr (SWALR)")
-        if not users:
-            return
-        notes = self.lr_notes()
-        missing = [i for i, note in enumerate(notes) if note is not None]
-        if missing:
-            raise SpecError(
-                f"{' and '.join(users)} scale(s) the lr of every param group; optimizer {self.entry.name!r} with "
-                f"options {show_options(self.spec.optimizer)} has none in group(s) {missing}: {notes[missing[0]]}. "
-                "Give optimizer.lr, or leave the schedule to the optimizer"
-            )
 
     def _averaging_shown(self) -> str:
         shown = [f"{name} {avg.to_dict()}" for name, avg in (("ema", self.spec.ema), ("swa", self.spec.swa)) if avg is not None]
@@ -365,20 +348,7 @@ class RunState:
         """
         if self.schedule is None:
             return [self.lrs for _ in range(count)]
-        shadow = describe.ShadowOptimizer(self.optimizer)
-        tensors: dict[str, torch.Tensor] = {}
-        schedule = Schedule(self.spec.scheduler or {}, shadow)
-        schedule.load_state_dict(tree.decode_tree(tree.encode_tree(self.schedule.state_dict(), "", tensors), tensors))
-        shadow.load_groups(self.optimizer)
-        out = []
-        epoch = self.schedule.interval == "epoch"
-        for i in range(1, count + 1):
-            if epoch:
-                schedule.after_epoch(self.epoch + i, None if not schedule.needs_metric else float("inf"))
-            else:
-                schedule.after_step(self.t + i, None if not schedule.needs_metric else float("inf"))
-            out.append(describe.lrs(shadow.param_groups))
-        return out
+        return self.schedule.preview(self.optimizer, t=self.t, epoch=self.epoch, count=count)
 
     def digest(self) -> str:
         meta, tensors = self._encoded()
