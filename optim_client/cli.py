@@ -46,7 +46,7 @@ def runs_list(url: str = URL, token: str = TOKEN) -> None:
             r["name"],
             str(r["t"]),
             str(r["epoch"]),
-            ", ".join(f"{x:.3g}" for x in r["lr"]),
+            ", ".join(_lr(x) for x in r["lr"] or []),
             r["durability"],
             str(r["last_snapshot_t"]),
         )
@@ -71,6 +71,10 @@ def runs_delete(run: str, url: str = URL, token: str = TOKEN, yes: bool = typer.
     console.print(f"deleted {run}")
 
 
+def _lr(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3g}"
+
+
 def sparkline(values: list[float]) -> str:
     lo, hi = min(values), max(values)
     if hi == lo:
@@ -93,7 +97,10 @@ def runs_schedule(
     table = Table("group", "lr now", f"next {steps} {unit}s (min … max)", "curve")
     every = max(1, len(ahead["lr"]) // width)
     for g, lr in enumerate(now["lr"]):
-        curve = [row[g] for row in ahead["lr"]]
+        curve = [row[g] for row in ahead["lr"] if row[g] is not None]
+        if lr is None or not curve:  # an optimizer without one LR (timm's relative-step Adafactor)
+            table.add_row(str(g), _lr(lr), "none: the optimizer sets its own step size", "")
+            continue
         table.add_row(str(g), f"{lr:.4g}", f"{min(curve):.3g} … {max(curve):.3g}", sparkline(curve[::every]))
     console.print(f"run {run} at t={now['t']}, epoch {now['epoch']}")
     console.print(table)

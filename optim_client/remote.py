@@ -51,6 +51,14 @@ def _server_timing(header: str) -> dict[str, float]:
     return out
 
 
+def _as_torch(value: Any) -> Any:
+    """A param-group option from the service's JSON as torch holds it: JSON has no tuples, and torch's options that
+    are sequences (``betas``, Rprop's ``etas`` and ``step_sizes``) are tuples."""
+    if isinstance(value, list):
+        return tuple(_as_torch(v) for v in value)
+    return value
+
+
 def _named(params: Iterable[Any]) -> tuple[list[tuple[str, torch.Tensor]], list[dict[str, Any]] | None]:
     """(name, tensor) pairs in order, and the explicit groups if param-group dicts were given."""
     items = list(params)
@@ -145,7 +153,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.resumed = response.status_code == 200
         super().__init__(
             [
-                {**{k: v for k, v in g.items() if k != "params"}, "params": [self._by_name[n] for n in g["params"]]}
+                {**{k: _as_torch(v) for k, v in g.items() if k != "params"}, "params": [self._by_name[n] for n in g["params"]]}
                 for g in info["groups"]
             ],
             {},

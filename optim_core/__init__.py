@@ -1,6 +1,7 @@
 """optim_core: the engine of optim-service (torch, timm and safetensors only)."""
 
 from .catalogue import OptimizerEntry, get_optimizer, list_optimizers
+from .devices import pick_device
 from .errors import (
     EngineError,
     GradientError,
@@ -12,7 +13,7 @@ from .errors import (
     Unavailable,
     UnknownName,
 )
-from .run_state import RunState, StepResult, pick_device
+from .run_state import RunState, StepResult
 from .schedulers import ExpressionError, MetricRequired, SafeExpression, describe_schedulers
 from .spec import RunSpec
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -19,12 +18,14 @@ from typing import Any
 
 import timm.optim
 import torch
+from torch.optim.optimizer import required as _REQUIRED
 
+from .describe import jsonable
+from .devices import DEVICE_TYPES, IMPLEMENTATIONS, default_device_type, implementations_by_device
 from .errors import Unavailable, UnknownName
 
 TORCH_PREFIX = "torch."
 LOOKAHEAD_PREFIX = "lookahead_"
-IMPLEMENTATIONS = ("default", "foreach", "fused")
 
 # What an optimizer needs beyond a first-order gradient; until a protocol exists for one of these,
 # the entry is unavailable and says why.
@@ -50,57 +51,65 @@ class OptimizerEntry:
     needs: tuple[str, ...] = ()
     available: bool = True
     reason: str | None = None
+    # every implementation the class accepts on some device; which of them run where: implementations_on(device)
     implementations: tuple[str, ...] = ("default",)
     uses_global_rng: bool = False
     lookahead: bool = False
     timm_defaults: Mapping[str, Any] = field(default_factory=dict)
+    by_device: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # hyper-parameters without a default (timm's SGDP: lr), which create_optimizer_v2 itself refuses to guess
+    required: tuple[str, ...] = ()
 
     def require_available(self) -> None:
         if not self.available:
             raise Unavailable(f"optimizer {self.name!r} is not available here: {self.reason}")
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able description, for ``GET /optimizers``."""
+    def implementations_on(self, device: str | torch.device) -> tuple[str, ...]:
+        """The implementations that run on ``device`` (a type such as ``"cuda"``, or a device), by torch's rules
+        (``optim_core.devices``); on device types the catalogue does not describe, only ``"default"``."""
+        device_type = torch.device(device).type
+        return tuple(self.by_device.get(device_type, ("default",)))
+
+    def describe(self, device: str | torch.device | None = None) -> dict[str, Any]:
+        """A JSON-able description, for ``GET /optimizers``; ``implementations`` are those that run on ``device``
+        (by default the device this process steps on), ``implementations_by_device`` those of every device type."""
+        device_type = torch.device(device).type if device is not None else default_device_type()
         return {
             "name": self.name,
             "family": self.family,
             "class": self.class_path,
             "description": self.description,
             "defaults": dict(self.defaults),
+            "required": list(self.required),
             "hyperparameters": list(self.hyperparameters),
             "needs": list(self.needs),
             "available": self.available,
             "reason": self.reason,
-            "implementations": list(self.implementations),
+            "device": device_type,
+            "implementations": list(self.implementations_on(device_type)),
+            "implementations_by_device": {d: list(self.implementations_on(d)) for d in DEVICE_TYPES},
             "lookahead": self.lookahead,
         }
 
 
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    return repr(value)
-
-
-def _signature(cls: type) -> tuple[tuple[str, ...], dict[str, Any]]:
-    names, defaults = [], {}
+def _signature(cls: type) -> tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]:
+    """The constructor's hyper-parameters, their defaults, and those that must be given (no default, or torch's
+    ``required`` sentinel)."""
+    names, defaults, required = [], {}, []
     for p in inspect.signature(cls).parameters.values():
         if p.name == "params" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         names.append(p.name)
-        if p.default is not p.empty:
-            defaults[p.name] = _jsonable(p.default)
-    return tuple(names), defaults
+        if p.default is p.empty or p.default is _REQUIRED:
+            required.append(p.name)
+        else:
+            defaults[p.name] = jsonable(p.default)
+    return tuple(names), defaults, tuple(required)
 
 
-def _implementations(hyperparameters: tuple[str, ...]) -> tuple[str, ...]:
-    return ("default", *tuple(i for i in ("foreach", "fused") if i in hyperparameters))
+def _implementations(by_device: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    found = {i for impls in by_device.values() for i in impls}
+    return tuple(i for i in IMPLEMENTATIONS if i in found)
 
 
 def _first_line(doc: str | None) -> str:
@@ -126,20 +135,25 @@ def _optional_package(class_path: str) -> tuple[tuple[str, ...], str | None]:
 
 def _timm_entry(name: str, *, lookahead: bool) -> OptimizerEntry:
     info = timm.optim.get_optimizer_info(name)
+    cls: type | None = None
     if isinstance(info.opt_class, str):
         class_path = info.opt_class
         hyperparameters: tuple[str, ...] = ()
         defaults: dict[str, Any] = {}
+        required: tuple[str, ...] = ()
         doc_line = ""
     else:
-        class_path = f"{info.opt_class.__module__}.{info.opt_class.__qualname__}"
-        hyperparameters, defaults = _signature(info.opt_class)
-        doc_line = _first_line(info.opt_class.__doc__)
+        cls = info.opt_class
+        class_path = f"{cls.__module__}.{cls.__qualname__}"
+        hyperparameters, defaults, required = _signature(cls)
+        doc_line = _first_line(cls.__doc__)
     timm_defaults = dict(info.defaults or {})
     if info.has_momentum:
         timm_defaults.setdefault("momentum", 0.9)  # create_optimizer_v2's own default
-    defaults.update({k: _jsonable(v) for k, v in timm_defaults.items()})
+    defaults.update({k: jsonable(v) for k, v in timm_defaults.items()})
+    required = tuple(r for r in required if r not in timm_defaults)
     needs, reason = _optional_package(class_path)
+    by_device = implementations_by_device(cls)
     if info.second_order:
         needs += ("hessian",)
         reason = reason or NEEDS_PROTOCOL["hessian"]
@@ -158,10 +172,12 @@ def _timm_entry(name: str, *, lookahead: bool) -> OptimizerEntry:
         needs=needs,
         available=reason is None,
         reason=reason,
-        implementations=_implementations(hyperparameters),
+        implementations=_implementations(by_device),
         uses_global_rng=class_path in _GLOBAL_RNG_CLASSES,
         lookahead=lookahead,
         timm_defaults=timm_defaults,
+        by_device=by_device,
+        required=required,
     )
 
 
@@ -190,7 +206,8 @@ def _register_torch(registry: dict[str, OptimizerEntry]) -> None:
         cls = getattr(torch.optim, cls_name)
         if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)) or cls is torch.optim.Optimizer:
             continue
-        hyperparameters, defaults = _signature(cls)
+        hyperparameters, defaults, required = _signature(cls)
+        by_device = implementations_by_device(cls)
         needs = _TORCH_NEEDS.get(cls_name, ())
         reasons = [NEEDS_PROTOCOL[n] for n in needs if n in NEEDS_PROTOCOL]
         registry[TORCH_PREFIX + cls_name] = OptimizerEntry(
@@ -203,7 +220,9 @@ def _register_torch(registry: dict[str, OptimizerEntry]) -> None:
             needs=needs,
             available=not reasons,
             reason=reasons[0] if reasons else None,
-            implementations=_implementations(hyperparameters),
+            implementations=_implementations(by_device),
+            by_device=by_device,
+            required=required,
         )
 
 

@@ -107,7 +107,7 @@ def _torch_groups(module: ParamModule, groups: GroupsSpec, weight_decay: float) 
             layer_decay=groups.layer_decay,
             no_weight_decay_list=module.no_weight_decay(),
             fallback_list=groups.fallback,
-            weight_decay_exclude_1d=groups.filter_bias_and_bn,
+            weight_decay_exclude_1d=bool(groups.filter_bias_and_bn),
             min_scale=groups.layer_decay_min_scale,
         )
     if weight_decay and groups.filter_bias_and_bn:
@@ -121,18 +121,46 @@ def _torch_groups(module: ParamModule, groups: GroupsSpec, weight_decay: float) 
     return [{"params": list(module.parameters())}]
 
 
-def build_optimizer(entry: OptimizerEntry, module: ParamModule, opt: OptimizerSpec, groups: GroupsSpec) -> torch.optim.Optimizer:
-    """Build the optimizer with timm's factory or torch's class: never a re-implementation."""
+def _requested_implementations(opt: OptimizerSpec, groups: GroupsSpec) -> list[str]:
+    """Every implementation the spec asks for: ``implementation``, and ``foreach``/``fused`` given as options."""
+    requested = [opt.implementation] if opt.implementation != "default" else []
+    for options in (opt.kwargs, *(g.options for g in groups.groups)):
+        requested += [k for k in ("foreach", "fused") if options.get(k) is True and k not in requested]
+    return requested
+
+
+def check_implementations(entry: OptimizerEntry, opt: OptimizerSpec, groups: GroupsSpec, device_type: str) -> None:
+    """Refuse an implementation that the optimizer lacks, or lacks on this device, before torch is asked (torch
+    would refuse some only at the first step, after the run was stored: fused Adagrad on CUDA before torch 2.12)."""
+    for implementation in _requested_implementations(opt, groups):
+        if implementation not in entry.implementations:
+            raise SpecError(
+                f"optimizer {entry.name!r} has no {implementation!r} implementation; it has: {list(entry.implementations)}"
+            )
+        here = entry.implementations_on(device_type)
+        if implementation not in here:
+            raise SpecError(
+                f"optimizer {entry.name!r} has no {implementation!r} implementation on {device_type!r} "
+                f"(torch {torch.__version__}); on {device_type!r} it has: {list(here)}"
+            )
+
+
+def build_optimizer(
+    entry: OptimizerEntry, module: ParamModule, opt: OptimizerSpec, groups: GroupsSpec, *, device_type: str
+) -> torch.optim.Optimizer:
+    """Build the optimizer with timm's factory or torch's class: never a re-implementation.
+
+    With no options it is exactly ``torch.optim.X(model.parameters())`` for a torch.* entry and
+    ``timm.optim.create_optimizer_v2(model, name)`` for a timm name."""
+    check_implementations(entry, opt, groups, device_type)
+    groups = groups.for_optimizer(entry.name)  # filter_bias_and_bn decided: a bool from here on
     kwargs = dict(opt.kwargs)
     if opt.lr is not None:
         kwargs["lr"] = opt.lr
     if opt.implementation != "default":
-        if opt.implementation not in entry.implementations:
-            raise SpecError(
-                f"optimizer {entry.name!r} has no {opt.implementation!r} implementation; it has: {list(entry.implementations)}"
-            )
         kwargs[opt.implementation] = True
-    lookahead = {k: kwargs.pop(k) for k in ("lookahead_alpha", "lookahead_k") if k in kwargs}
+    # only a lookahead_ entry takes these; elsewhere they stay in kwargs, for the class to refuse
+    lookahead = {k: kwargs.pop(k) for k in ("lookahead_alpha", "lookahead_k") if k in kwargs and entry.lookahead}
     try:
         if entry.family == "torch":
             cls = getattr(torch.optim, entry.name.removeprefix("torch."))
@@ -153,7 +181,7 @@ def build_optimizer(entry: OptimizerEntry, module: ParamModule, opt: OptimizerSp
             else:
                 optimizer = timm.optim.create_optimizer_v2(
                     module,
-                    filter_bias_and_bn=groups.filter_bias_and_bn,
+                    filter_bias_and_bn=bool(groups.filter_bias_and_bn),
                     layer_decay=groups.layer_decay,
                     layer_decay_min_scale=groups.layer_decay_min_scale,
                     fallback_list=groups.fallback,
@@ -163,11 +191,15 @@ def build_optimizer(entry: OptimizerEntry, module: ParamModule, opt: OptimizerSp
                 optimizer = Lookahead(optimizer, **{k.removeprefix("lookahead_"): v for k, v in lookahead.items()})
     except SpecError:
         raise
-    except Exception as exc:
-        raise SpecError(f"optimizer {entry.name!r} rejected its options {_show(opt)}: {exc}") from None
+    except Exception as exc:  # the library's refusal of the user's options, in its own words
+        shown = show_options(opt)
+        raise SpecError(f"optimizer {entry.name!r} rejected its options {shown}: {type(exc).__name__}: {exc}") from None
     return optimizer
 
 
-def _show(opt: OptimizerSpec) -> str:
-    shown = {"lr": opt.lr, "weight_decay": opt.weight_decay, **opt.kwargs}
-    return "{" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + "}"
+def show_options(opt: OptimizerSpec) -> str:
+    """The options the spec gave the optimizer (those left to the library's defaults are not shown)."""
+    shown = {"lr": opt.lr, "weight_decay": opt.weight_decay, "implementation": opt.implementation, **opt.kwargs}
+    defaults = {"lr": None, "weight_decay": None, "implementation": "default"}
+    given = {k: v for k, v in shown.items() if k not in defaults or v != defaults[k]}
+    return "{" + ", ".join(f"{k}={v!r}" for k, v in given.items()) + "}"

@@ -10,7 +10,6 @@ the same gradients is bitwise the uninterrupted one (same torch version, same de
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 from collections.abc import Iterator, Mapping
@@ -20,50 +19,36 @@ from typing import Any
 
 import torch
 
-from optim_format import FormatError, dtypes, framing, snapshot, tree
+from optim_format import FormatError, snapshot, tree
 
+from . import creation, describe, export, inputs
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
+from .devices import pick_device
 from .errors import (
-    GradientError,
     NonFiniteGradient,
     SnapshotError,
     SpecError,
     StepFailed,
     StepMismatch,
 )
+from .export import MAX_T
 from .params import ParamModule, build_optimizer
 from .schedulers import Schedule
-from .spec import RunSpec, is_finite_number
+from .spec import RunSpec
 
 FORMAT = "optim-run/1"
-MAX_T = 2**62  # steps and epochs: far beyond any run, and within every database's BIGINT
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # torch's global generator is process-wide: runs whose optimizer draws from it take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA when present, else CPU; the same code path on both."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+__all__ = ["MAX_T", "Captured", "RunState", "StepResult", "pick_device"]
 
 
 @dataclass(frozen=True)
 class StepResult:
     t: int
-    lrs: list[float]
+    lrs: list[float | None]  # None: a group without one LR (RunState.lr_notes says why)
     skipped: bool = False
-
-
-def _check_finite(what: str, value: Any) -> None:
-    if value is not None and not is_finite_number(value):
-        raise GradientError(f"{what} must be a finite number, got {str(value)[:40]}")
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"{dtypes.name_of(t.dtype)} {list(t.shape)}"
 
 
 class RunState:
@@ -81,7 +66,7 @@ class RunState:
         self.entry = get_optimizer(self.spec.optimizer.name)
         self.entry.require_available()
         self.device = pick_device(device)
-        initial = self._check_initial_params(params)
+        initial = inputs.check_initial_params(self.spec, params)
         groups = self.spec.param_groups
         self.module = ParamModule(
             [(p.name, initial[p.name].detach().to(self.device, copy=not adopt)) for p in self.spec.params],
@@ -95,82 +80,40 @@ class RunState:
             self._rng = {"cpu": torch.Generator().manual_seed(self.spec.seed).get_state()}
             if self.device.type == "cuda":
                 self._rng["cuda"] = torch.Generator(self.device).manual_seed(self.spec.seed).get_state()
-        self.optimizer = build_optimizer(self.entry, self.module, self.spec.optimizer, groups)
-        self._names_in_optimizer_order = self._optimizer_order()
+        self.optimizer = build_optimizer(self.entry, self.module, self.spec.optimizer, groups, device_type=self.device.type)
+        self.names_in_optimizer_order = self._optimizer_order()
+        # schedulers and SWALR scale every group's LR: one without (timm's Adafactor, lr=None) cannot be scheduled
+        describe.require_numeric_lrs(self.spec, self.optimizer.param_groups, self.entry.class_path)
         self.schedule = Schedule(self.spec.scheduler, self.optimizer) if self.spec.scheduler else None
-        self.swa = Swa(self.spec.swa, self.module, self.optimizer) if self.spec.swa else None
-        self.ema = Ema(self.spec.ema, self.module) if self.spec.ema else None
+        try:
+            self.swa = Swa(self.spec.swa, self.module, self.optimizer) if self.spec.swa else None
+            self.ema = Ema(self.spec.ema, self.module) if self.spec.ema else None
+        except Exception as exc:  # torch's SWALR / AveragedModel or timm's ModelEmaV3 refusing the spec's values
+            raise SpecError(f"averaging {self._averaging_shown()} rejected: {type(exc).__name__}: {exc}") from None
         self.t = 0
         self.epoch = 0
         self.skipped_steps = 0
         self._broken: str | None = None
 
+    @classmethod
+    def create(
+        cls, spec: RunSpec | Mapping[str, Any], params: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None
+    ) -> tuple[RunState, dict[str, Any]]:
+        """A new run from a user's spec, and its :meth:`describe`: the one entry point before anything is stored.
+
+        Everything torch or timm refuse while the run is built, takes its first step, or is described is a
+        :class:`SpecError` naming the entry and the options, in the library's words (``optim_core.creation``)."""
+        return creation.create(cls, spec, params, device=device)
+
+    def _averaging_shown(self) -> str:
+        shown = [f"{name} {avg.to_dict()}" for name, avg in (("ema", self.spec.ema), ("swa", self.spec.swa)) if avg is not None]
+        return ", ".join(shown)
+
     # ------------------------------------------------------------------ checks
-    def _check_initial_params(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not isinstance(params, Mapping):
-            raise SpecError(f"initial parameters must map names to tensors, got {type(params).__name__}")
-        expected = {p.name for p in self.spec.params}
-        missing = sorted(expected - set(params))
-        unknown = sorted(set(params) - expected)
-        if missing or unknown:
-            raise SpecError(f"initial parameters do not match the manifest: missing {missing[:10]}, unknown {unknown[:10]}")
-        out = {}
-        for info in self.spec.params:
-            t = params[info.name]
-            if not isinstance(t, torch.Tensor):
-                raise SpecError(f"initial value of {info.name!r} is a {type(t).__name__}, not a tensor")
-            if tuple(t.shape) != info.shape or t.dtype != info.torch_dtype:
-                raise SpecError(
-                    f"initial value of {info.name!r} is {_describe(t)}; the manifest says {info.dtype} {list(info.shape)}"
-                )
-            out[info.name] = t
-        return out
-
     def check_gradients(self, grads: Mapping[str, torch.Tensor], *, donate: bool = False) -> dict[str, torch.Tensor]:
-        """Validate a gradient payload; return it on the run's device in each parameter's dtype.
-
-        A missing name means "no gradient" (``p.grad is None``), as in torch. Lower-precision float
-        gradients (bf16/fp16 on the wire) are applied in the parameter's dtype. Each gradient is copied (the
-        optimizer may change ``.grad`` in place), except with ``donate``: the caller gives its tensors to the
-        step and will not read them again, so one already on the device, in the parameter's dtype, contiguous
-        and as aligned as torch's own allocations (``framing.ALIGN``) is used as it is; one at another offset is
-        copied (some kernels, MKL's among them, may take another path, and round differently, on less aligned memory).
-        """
-        if not isinstance(grads, Mapping):
-            raise GradientError(f"gradients must map parameter names to tensors, got {type(grads).__name__}")
-        unknown = sorted(set(grads) - set(self._params))
-        if unknown:
-            raise GradientError(
-                f"unknown parameter name(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
-                f"the run has {len(self._params)} parameters, e.g. {list(self._params)[:5]}"
-            )
-        out: dict[str, torch.Tensor] = {}
-        for name, g in grads.items():
-            p = self._params[name]
-            if not isinstance(g, torch.Tensor):
-                raise GradientError(f"gradient {name!r} is a {type(g).__name__}, not a tensor")
-            if g.layout != torch.strided:
-                raise GradientError(f"gradient {name!r} is {g.layout}; {self.entry.name!r} takes dense gradients")
-            if not g.is_floating_point():
-                raise GradientError(f"gradient {name!r} has dtype {dtypes.name_of(g.dtype)}; gradients must be floating point")
-            if tuple(g.shape) != tuple(p.shape):
-                raise GradientError(f"gradient {name!r} has shape {list(g.shape)}; the parameter has shape {list(p.shape)}")
-            if g.dtype != p.dtype and torch.finfo(g.dtype).bits >= torch.finfo(p.dtype).bits:
-                raise GradientError(
-                    f"gradient {name!r} has dtype {dtypes.name_of(g.dtype)}, the parameter {dtypes.name_of(p.dtype)}; "
-                    "a gradient must have the parameter's dtype or a narrower float (float16, bfloat16)"
-                )
-            if (
-                donate
-                and g.device == self.device
-                and g.dtype == p.dtype
-                and g.is_contiguous()
-                and g.data_ptr() % framing.ALIGN == 0
-            ):
-                out[name] = g.detach()
-            else:  # a fresh copy: the optimizer may change .grad in place, and must not change the caller's tensors
-                out[name] = g.detach().to(device=self.device, dtype=p.dtype, copy=True)
-        return out
+        """Validate a gradient payload; return it on the run's device in each parameter's dtype (``inputs.check_gradients``:
+        a missing name means no gradient; ``donate``: aligned tensors needing no conversion are used in place)."""
+        return inputs.check_gradients(self._params, grads, device=self.device, entry_name=self.entry.name, donate=donate)
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -188,8 +131,14 @@ class RunState:
 
     # ------------------------------------------------------------------ stepping
     @property
-    def lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
+    def lrs(self) -> list[float | None]:
+        """The LR each param group steps with; None where the optimizer has no one number (see :meth:`lr_notes`)."""
+        return describe.lrs(self.optimizer.param_groups)
+
+    def lr_notes(self) -> list[str | None]:
+        """For each group, why its entry in :attr:`lrs` is None (None where it is a number), e.g.
+        ``"relative step size (timm Adafactor, lr=None): computed per parameter at every step"``."""
+        return describe.lr_notes(self.optimizer.param_groups, self.entry.class_path)
 
     def apply(self, grads: Mapping[str, torch.Tensor], t: int, loss: float | None = None, *, donate: bool = False) -> StepResult:
         """Apply the gradients computed at step ``t`` (which must be the current step count). ``donate``: the
@@ -197,13 +146,13 @@ class RunState:
         self._check_usable()
         if isinstance(t, bool) or not isinstance(t, int) or t != self.t:
             raise StepMismatch(f"gradient is for step t={t!r}, the run is at t={self.t}", current_t=self.t)
-        _check_finite("loss", loss)
+        inputs.check_finite("loss", loss)
         prepared = self.check_gradients(grads, donate=donate)
         steps_schedule = self._schedule_steps_now(epoch=False)
         if steps_schedule:
             assert self.schedule is not None
             self.schedule.check(epoch=False, metric=loss)
-        nonfinite = _nonfinite(prepared)
+        nonfinite = inputs.nonfinite(prepared)
         if nonfinite and self.spec.nonfinite == "error":
             raise NonFiniteGradient(
                 f"gradient(s) {nonfinite[:10]} contain NaN or Inf; the step was not applied "
@@ -236,7 +185,7 @@ class RunState:
     def step_epoch(self, metric: float | None = None) -> StepResult:
         """The end of an epoch: epoch-interval schedulers (with the metric for plateau ones) and SWA."""
         self._check_usable()
-        _check_finite("metric", metric)
+        inputs.check_finite("metric", metric)
         steps_schedule = self._schedule_steps_now(epoch=True)
         if steps_schedule:
             assert self.schedule is not None
@@ -284,16 +233,16 @@ class RunState:
     def optimizer_state_by_name(self) -> dict[str, Any]:
         """The optimizer's ``state_dict`` with parameter names instead of positions."""
         sd = dict(self.optimizer.state_dict())
-        names = self._names_in_optimizer_order
+        names = self.names_in_optimizer_order
         sd["state"] = {names[i]: v for i, v in sd["state"].items()}
         sd["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
         return sd
 
     def _load_optimizer_state(self, named: Mapping[str, Any]) -> None:
-        order = self._names_in_optimizer_order
+        order = self.names_in_optimizer_order
         index = {n: i for i, n in enumerate(order)}
         groups = named["param_groups"]
-        mine = [[self._names_in_optimizer_order[i] for i in g["params"]] for g in self.optimizer.state_dict()["param_groups"]]
+        mine = [[self.names_in_optimizer_order[i] for i in g["params"]] for g in self.optimizer.state_dict()["param_groups"]]
         theirs = [list(g["params"]) for g in groups]
         if mine != theirs:
             raise SnapshotError("the snapshot's parameter groups differ from the ones this spec builds")
@@ -382,118 +331,39 @@ class RunState:
     def export(self) -> dict[str, Any]:
         """A checkpoint for plain torch/timm: ``model``, ``optimizer`` (with ``param_names``), ``lr_scheduler``,
         ``ema`` / ``swa``, ``step``; only tensors and containers, so ``torch.load(weights_only=True)`` reads it."""
-        sd = self.optimizer.state_dict()
-        names = self._names_in_optimizer_order
-        optimizer = {
-            **sd,
-            "param_groups": [{**g, "param_names": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
-        }
-        return _plain(
-            {
-                "model": self.params(),
-                "optimizer": optimizer,
-                "lr_scheduler": self.schedule.state_dict() if self.schedule else None,
-                "swa_scheduler": self.swa.scheduler.state_dict() if self.swa and self.swa.scheduler else None,
-                "ema": self.averages("ema"),
-                "swa": self.averages("swa"),
-                "step": self.t,
-                "epoch": self.epoch,
-                "spec": self.spec.to_dict(),
-            }
-        )
+        return export.export(self)
 
     def load_export(self, data: Mapping[str, Any]) -> RunState:
-        """A new RunState: this one with the parts of an ``export()``-shaped dict loaded into it.
-
-        ``optimizer`` (a torch ``state_dict`` of this run's optimizer; ``param_names`` are checked when
-        present), and optionally ``model``, ``lr_scheduler``, ``swa_scheduler``, ``ema``, ``swa``, ``step``,
-        ``epoch``. This state is left untouched; what does not fit raises ``SnapshotError`` naming it.
-        """
-        if not isinstance(data, Mapping) or not isinstance(data.get("optimizer"), Mapping):
-            raise SnapshotError("a state to load must be a dict with at least 'optimizer' (a torch optimizer state_dict)")
-        new = RunState.from_bytes(self.to_bytes(), device=self.device)
-        try:
-            new._load_export(data)
-            # what loads may still not run (an lr that is a string, moments of the wrong shape): try a step on a copy
-            trial = RunState.from_bytes(new.to_bytes(), device=self.device)
-            trial.apply({n: torch.zeros_like(p) for n, p in trial._params.items()}, trial.t)
-            new.groups()
-        except SnapshotError:
-            raise
-        except Exception as exc:  # a client's state that torch cannot load or step is the client's fault
-            raise SnapshotError(f"the state does not fit this run: {type(exc).__name__}: {str(exc)[:300]}") from None
-        return new
-
-    def _load_export(self, data: Mapping[str, Any]) -> None:
-        for key, tensors in (("model", self._params), ("ema", self.averages("ema")), ("swa", self.averages("swa"))):
-            given = data.get(key)
-            if given is None:
-                continue
-            if tensors is None:
-                raise SnapshotError(f"the state has {key!r} but this run keeps no such average")
-            for name, value in given.items():
-                if name not in tensors:
-                    raise SnapshotError(f"{key}: unknown parameter {name!r}")
-                target = tensors[name]
-                if not isinstance(value, torch.Tensor) or value.shape != target.shape or value.dtype != target.dtype:
-                    what = _describe(value) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise SnapshotError(f"{key}: {name!r} is {what}, the run has {_describe(target)}")
-                with torch.no_grad():
-                    target.copy_(value)
-        sd = dict(data["optimizer"])
-        groups = []
-        for i, g in enumerate(sd.get("param_groups", [])):
-            g = dict(g)
-            names = g.pop("param_names", None)
-            expected = [self._names_in_optimizer_order[j] for j in g.get("params", []) if j < len(self._names_in_optimizer_order)]
-            if names is not None and list(names) != expected:
-                raise SnapshotError(f"optimizer param_groups[{i}] holds {list(names)[:5]}..., this run has {expected[:5]}...")
-            groups.append(g)
-        sd["param_groups"] = groups
-        self.optimizer.load_state_dict(sd)
-        if data.get("lr_scheduler") is not None:
-            if self.schedule is None:
-                raise SnapshotError("the state has an lr_scheduler but this run has none")
-            self.schedule.load_state_dict(data["lr_scheduler"])
-        if data.get("swa_scheduler") is not None and self.swa is not None and self.swa.scheduler is not None:
-            self.swa.scheduler.load_state_dict(data["swa_scheduler"])
-        for key in ("step", "epoch"):
-            value = data.get(key)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_T:
-                    raise SnapshotError(f"{key} must be an integer in [0, {MAX_T}], got {str(value)[:40]}")
-                setattr(self, "t" if key == "step" else "epoch", value)
+        """A new RunState: this one with the parts of an ``export()``-shaped dict loaded into it (``optim_core.export``);
+        this state is left untouched; what does not fit raises ``SnapshotError`` naming it."""
+        return export.load_export(self, data)
 
     def groups(self) -> list[dict[str, Any]]:
-        """The optimizer's param groups by name, with their JSON-able options."""
-        names = self._names_in_optimizer_order
-        out = []
-        for g in self.optimizer.state_dict()["param_groups"]:
-            options = {k: v for k, v in g.items() if k != "params" and (v is None or isinstance(v, (bool, int, float, str)))}
-            out.append({"params": [names[i] for i in g["params"]], **options})
-        return out
+        """The optimizer's param groups by name, with every option they hold, as JSON (``betas`` as a list)."""
+        return describe.named_groups(self.optimizer.state_dict()["param_groups"], self.names_in_optimizer_order)
 
-    def preview_lrs(self, count: int) -> list[list[float]]:
+    def describe(self) -> dict[str, Any]:
+        """The JSON-able facts a service answers about the run: ``t``, ``epoch``, ``lr`` (per group, None where
+        there is none), ``lr_notes`` (why), ``groups``, ``skipped_steps``, ``device`` and ``digest``."""
+        return {
+            "t": self.t,
+            "epoch": self.epoch,
+            "lr": self.lrs,
+            "lr_notes": self.lr_notes(),
+            "groups": self.groups(),
+            "skipped_steps": self.skipped_steps,
+            "device": self.device.type,
+            "digest": self.digest(),
+        }
+
+    def preview_lrs(self, count: int) -> list[list[float | None]]:
         """The LR of every group for the next ``count`` intervals of the scheduler, computed on a copy.
 
         Plateau schedulers are previewed as if the metric never improved or worsened enough to act.
         """
         if self.schedule is None:
             return [self.lrs for _ in range(count)]
-        shadow = _ShadowOptimizer(self.optimizer)
-        tensors: dict[str, torch.Tensor] = {}
-        schedule = Schedule(self.spec.scheduler or {}, shadow)
-        schedule.load_state_dict(tree.decode_tree(tree.encode_tree(self.schedule.state_dict(), "", tensors), tensors))
-        shadow.load_groups(self.optimizer)
-        out = []
-        epoch = self.schedule.interval == "epoch"
-        for i in range(1, count + 1):
-            if epoch:
-                schedule.after_epoch(self.epoch + i, None if not schedule.needs_metric else float("inf"))
-            else:
-                schedule.after_step(self.t + i, None if not schedule.needs_metric else float("inf"))
-            out.append([float(g["lr"]) for g in shadow.param_groups])
-        return out
+        return self.schedule.preview(self.optimizer, t=self.t, epoch=self.epoch, count=count)
 
     def digest(self) -> str:
         meta, tensors = self._encoded()
@@ -565,42 +435,3 @@ class Captured:
 
     def digest(self) -> str:
         return snapshot.digest(self.meta, self.tensors)
-
-
-def _nonfinite(grads: Mapping[str, torch.Tensor]) -> list[str]:
-    """The names of the gradients holding NaN or Inf. A tensor's 2-norm is finite when all of it is
-    (NaN and Inf carry through the sum of squares), and costs one vectorized pass, where
-    ``isfinite(g).all()`` costs ~10x more on CPU; only a non-finite norm (which a very large but finite
-    gradient can give, by overflow) is checked element by element."""
-    if not grads:
-        return []
-    names = list(grads)
-    finite = torch.isfinite(torch.stack([torch.linalg.vector_norm(grads[n]).float() for n in names])).tolist()
-    return sorted(n for n, ok in zip(names, finite, strict=True) if not ok and not bool(torch.isfinite(grads[n]).all()))
-
-
-def _plain(obj: Any) -> Any:
-    """Containers and tensors only (weights_only-loadable); tensors cloned to CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    return obj
-
-
-class _ShadowOptimizer(torch.optim.Optimizer):
-    """An optimizer with the run's param groups (hyper-parameters only) and no real parameters:
-    schedulers step it to preview the LR without touching the run."""
-
-    def __init__(self, real: torch.optim.Optimizer) -> None:
-        groups = [
-            {**copy.deepcopy({k: v for k, v in g.items() if k != "params"}), "params": [torch.zeros(1)]}
-            for g in real.param_groups
-        ]
-        super().__init__(groups, copy.deepcopy(real.defaults))
-
-    def load_groups(self, real: torch.optim.Optimizer) -> None:
-        for mine, theirs in zip(self.param_groups, real.param_groups, strict=True):
-            mine.update(copy.deepcopy({k: v for k, v in theirs.items() if k != "params"}))

@@ -10,6 +10,7 @@ an arithmetic expression of ``step`` (see :class:`SafeExpression`), never code.
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import math
 import operator
@@ -22,6 +23,9 @@ import torch
 from timm.scheduler import create_scheduler_v2
 from torch.optim import lr_scheduler
 
+from optim_format import tree
+
+from .describe import lrs
 from .errors import EngineError, SpecError, UnknownName
 from .spec import is_finite_number
 
@@ -246,6 +250,7 @@ class Schedule:
 
     def __init__(self, spec: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
         _check_name(spec, "scheduler")
+        self.spec = spec
         self.name: str = spec["name"]
         self.interval: str = spec.get("interval", "step")
         if self.interval not in ("step", "epoch"):
@@ -293,6 +298,24 @@ class Schedule:
             self.scheduler.step(metric)
         else:
             self.scheduler.step()
+
+    def preview(self, optimizer: torch.optim.Optimizer, *, t: int, epoch: int, count: int) -> list[list[float | None]]:
+        """The LR of every group of ``optimizer`` for the next ``count`` intervals, stepped on a copy of this schedule
+        over a :class:`ShadowOptimizer`; plateau schedulers as if the metric never improved or worsened enough to act."""
+        shadow = ShadowOptimizer(optimizer)
+        copied = Schedule(self.spec, shadow)
+        tensors: dict[str, torch.Tensor] = {}
+        copied.load_state_dict(tree.decode_tree(tree.encode_tree(self.state_dict(), "", tensors), tensors))
+        shadow.load_groups(optimizer)
+        metric = float("inf") if self.needs_metric else None
+        out = []
+        for i in range(1, count + 1):
+            if self.interval == "epoch":
+                copied.after_epoch(epoch + i, metric)
+            else:
+                copied.after_step(t + i, metric)
+            out.append(lrs(shadow.param_groups))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         if not self.is_timm:
@@ -345,3 +368,19 @@ def describe_schedulers() -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+class ShadowOptimizer(torch.optim.Optimizer):
+    """An optimizer with the run's param groups (hyper-parameters only) and no real parameters:
+    schedulers step it to preview the LR without touching the run."""
+
+    def __init__(self, real: torch.optim.Optimizer) -> None:
+        groups = [
+            {**copy.deepcopy({k: v for k, v in g.items() if k != "params"}), "params": [torch.zeros(1)]}
+            for g in real.param_groups
+        ]
+        super().__init__(groups, copy.deepcopy(real.defaults))
+
+    def load_groups(self, real: torch.optim.Optimizer) -> None:
+        for mine, theirs in zip(self.param_groups, real.param_groups, strict=True):
+            mine.update(copy.deepcopy({k: v for k, v in theirs.items() if k != "params"}))

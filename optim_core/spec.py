@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,57 +17,26 @@ import torch
 
 from optim_format import dtypes
 
+from .catalogue import TORCH_PREFIX
 from .errors import SpecError
+from .spec_values import (
+    check_hyperparameter,
+    integer,
+    is_finite_number,
+    layer_rule,
+    number,
+    require_keys,
+    strings,
+    to_lists,
+    to_tuples,
+)
 
 MAX_NAME_LENGTH = 512
 MAX_TENSORS = 100_000
 NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]+")
 NONFINITE_POLICIES = ("error", "skip")
 INTERVALS = ("step", "epoch")
-
-
-def _require_keys(where: str, data: Mapping[str, Any], allowed: set[str], required: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{where} must be an object, got {type(data).__name__}")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise SpecError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-    missing = sorted(required - set(data))
-    if missing:
-        raise SpecError(f"{where}: missing field(s) {missing}")
-
-
-def is_finite_number(value: Any) -> bool:
-    """A real number (not a bool) that is finite; ints too large for a float are not."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _number(where: str, value: Any, *, minimum: float | None = None, below: float | None = None) -> float:
-    if not is_finite_number(value):
-        raise SpecError(f"{where} must be a finite number, got {str(value)[:40]}")
-    if minimum is not None and value < minimum:
-        raise SpecError(f"{where} must be >= {minimum}, got {value!r}")
-    if below is not None and value >= below:
-        raise SpecError(f"{where} must be < {below}, got {value!r}")
-    return value
-
-
-def _integer(where: str, value: Any, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpecError(f"{where} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _to_tuples(value: Any) -> Any:
-    """JSON has no tuples; torch and timm defaults (betas, ...) are tuples."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_to_tuples(v) for v in value)
-    return value
+__all__ = ["EmaSpec", "GroupSpec", "GroupsSpec", "OptimizerSpec", "ParamInfo", "RunSpec", "SwaSpec", "is_finite_number"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +52,7 @@ class ParamInfo:
     @classmethod
     def from_dict(cls, i: int, data: Mapping[str, Any]) -> ParamInfo:
         where = f"params[{i}]"
-        _require_keys(where, data, {"name", "shape", "dtype"}, {"name", "shape"})
+        require_keys(where, data, {"name", "shape", "dtype"}, {"name", "shape"})
         name = data["name"]
         if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
             raise SpecError(f"{where}.name must be 1-{MAX_NAME_LENGTH} characters of letters, digits and '_.:-', got {name!r}")
@@ -115,18 +84,18 @@ class OptimizerSpec:
             data = {"name": data}
         if not isinstance(data, Mapping) or not isinstance(data.get("name"), str):
             raise SpecError(f"optimizer must be a name or an object with a 'name', got {data!r}")
-        kwargs = {k: _to_tuples(v) for k, v in data.items() if k not in ("name", "lr", "weight_decay", "implementation")}
+        kwargs = {k: to_tuples(v) for k, v in data.items() if k not in ("name", "lr", "weight_decay", "implementation")}
         lr = data.get("lr")
         if lr is not None:
-            _number("optimizer.lr", lr, minimum=0.0)
+            number("optimizer.lr", lr, minimum=0.0)
         weight_decay = data.get("weight_decay")
         if weight_decay is not None:
-            _number("optimizer.weight_decay", weight_decay, minimum=0.0)
+            number("optimizer.weight_decay", weight_decay, minimum=0.0)
         implementation = data.get("implementation", "default")
         if implementation not in ("default", "foreach", "fused"):
             raise SpecError(f"optimizer.implementation must be 'default', 'foreach' or 'fused', got {implementation!r}")
         for key, value in kwargs.items():
-            _check_hyperparameter(key, value)
+            check_hyperparameter(key, value)
         return cls(name=data["name"], lr=lr, weight_decay=weight_decay, implementation=implementation, kwargs=kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,32 +104,8 @@ class OptimizerSpec:
             out["lr"] = self.lr
         if self.weight_decay is not None:
             out["weight_decay"] = self.weight_decay
-        out.update({k: _to_lists(v) for k, v in self.kwargs.items()})
+        out.update({k: to_lists(v) for k, v in self.kwargs.items()})
         return out
-
-
-def _to_lists(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_to_lists(v) for v in value]
-    return value
-
-
-def _check_hyperparameter(key: str, value: Any) -> None:
-    """The checks that hold for every optimizer; each constructor then checks its own."""
-    where = f"optimizer.{key}"
-    if isinstance(value, float) and not math.isfinite(value):
-        raise SpecError(f"{where} must be finite, got {value!r}")
-    if key in ("eps", "momentum", "dampening", "alpha", "lr_decay"):
-        if not isinstance(value, bool) and isinstance(value, (int, float)):
-            _number(where, value, minimum=0.0)
-    if key == "betas":
-        if not isinstance(value, tuple) or not value:
-            raise SpecError(
-                f"{where} must be a list of numbers in [0, 1), got {list(value) if isinstance(value, tuple) else value!r}"
-            )
-        for i, b in enumerate(value):
-            if b is not None:
-                _number(f"{where}[{i}]", b, minimum=0.0, below=1.0)
 
 
 @dataclass(frozen=True)
@@ -171,7 +116,10 @@ class GroupSpec:
 
 @dataclass(frozen=True)
 class GroupsSpec:
-    filter_bias_and_bn: bool = True
+    # None: the optimizer's library decides, as it does for a user in-process: timm's create_optimizer_v2 filters
+    # (its own default), a torch.* class does not (torch.optim.X(model.parameters()) decays every tensor alike).
+    # RunSpec.from_dict resolves it, so a stored spec always says which (issue 19).
+    filter_bias_and_bn: bool | None = None
     no_weight_decay: tuple[str, ...] = ()
     fallback: tuple[str, ...] = ()
     layer_decay: float | None = None
@@ -194,16 +142,16 @@ class GroupsSpec:
             "classifier",
             "groups",
         }
-        _require_keys("param_groups", data, allowed)
-        filt = data.get("filter_bias_and_bn", True)
-        if not isinstance(filt, bool):
-            raise SpecError(f"param_groups.filter_bias_and_bn must be true or false, got {filt!r}")
+        require_keys("param_groups", data, allowed)
+        filt = data.get("filter_bias_and_bn")
+        if filt is not None and not isinstance(filt, bool):
+            raise SpecError(f"param_groups.filter_bias_and_bn must be true, false or null (the library's default), got {filt!r}")
         layer_decay = data.get("layer_decay")
         if layer_decay is not None:
-            _number("param_groups.layer_decay", layer_decay, minimum=0.0)
+            number("param_groups.layer_decay", layer_decay, minimum=0.0)
         rule = data.get("layer_rule")
         if rule is not None:
-            rule = _layer_rule(rule)
+            rule = layer_rule(rule)
         groups = []
         for i, g in enumerate(data.get("groups") or ()):
             if not isinstance(g, Mapping) or "params" not in g:
@@ -213,22 +161,22 @@ class GroupsSpec:
                 patterns = [patterns]
             if not patterns or not all(isinstance(p, str) for p in patterns):
                 raise SpecError(f"param_groups.groups[{i}].params must be name patterns, got {patterns!r}")
-            options = {k: _to_tuples(v) for k, v in g.items() if k != "params"}
+            options = {k: to_tuples(v) for k, v in g.items() if k != "params"}
             for key, value in options.items():
-                _check_hyperparameter(key, value)
+                check_hyperparameter(key, value)
             if "lr" in options:
-                _number(f"param_groups.groups[{i}].lr", options["lr"], minimum=0.0)
+                number(f"param_groups.groups[{i}].lr", options["lr"], minimum=0.0)
             if "weight_decay" in options:
-                _number(f"param_groups.groups[{i}].weight_decay", options["weight_decay"], minimum=0.0)
+                number(f"param_groups.groups[{i}].weight_decay", options["weight_decay"], minimum=0.0)
             groups.append(GroupSpec(patterns=tuple(patterns), options=options))
         if groups and layer_decay is not None:
             raise SpecError("param_groups: explicit 'groups' and 'layer_decay' cannot be combined")
         return cls(
             filter_bias_and_bn=filt,
-            no_weight_decay=_strings("param_groups.no_weight_decay", data.get("no_weight_decay", ())),
-            fallback=_strings("param_groups.fallback", data.get("fallback", ())),
+            no_weight_decay=strings("param_groups.no_weight_decay", data.get("no_weight_decay", ())),
+            fallback=strings("param_groups.fallback", data.get("fallback", ())),
             layer_decay=layer_decay,
-            layer_decay_min_scale=_number(
+            layer_decay_min_scale=number(
                 "param_groups.layer_decay_min_scale", data.get("layer_decay_min_scale", 0.0), minimum=0.0
             ),
             layer_rule=rule,
@@ -236,8 +184,17 @@ class GroupsSpec:
             groups=tuple(groups),
         )
 
+    def for_optimizer(self, name: str) -> GroupsSpec:
+        """These groups with ``filter_bias_and_bn`` decided for optimizer ``name`` where the spec left it to the
+        library: off for torch.* classes, on for timm names (``create_optimizer_v2``'s default)."""
+        if self.filter_bias_and_bn is not None:
+            return self
+        return dataclasses.replace(self, filter_bias_and_bn=not name.startswith(TORCH_PREFIX))
+
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"filter_bias_and_bn": self.filter_bias_and_bn}
+        out: dict[str, Any] = {}
+        if self.filter_bias_and_bn is not None:
+            out["filter_bias_and_bn"] = self.filter_bias_and_bn
         if self.no_weight_decay:
             out["no_weight_decay"] = list(self.no_weight_decay)
         if self.fallback:
@@ -246,11 +203,11 @@ class GroupsSpec:
             out["layer_decay"] = self.layer_decay
             out["layer_decay_min_scale"] = self.layer_decay_min_scale
         if self.layer_rule is not None:
-            out["layer_rule"] = _to_lists(dict(self.layer_rule))
+            out["layer_rule"] = to_lists(dict(self.layer_rule))
         if self.classifier is not None:
             out["classifier"] = self.classifier
         if self.groups:
-            out["groups"] = [{"params": list(g.patterns), **_to_lists(dict(g.options))} for g in self.groups]
+            out["groups"] = [{"params": list(g.patterns), **to_lists(dict(g.options))} for g in self.groups]
         return out
 
     def timm_group_matcher(self) -> dict[str, Any] | None:
@@ -261,42 +218,6 @@ class GroupsSpec:
             k: v if isinstance(v, str) else [(p, tuple(o) if o is not None else None) for p, o in v]
             for k, v in self.layer_rule.items()
         }
-
-
-def _strings(where: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise SpecError(f"{where} must be a list of name patterns, got {value!r}")
-    return tuple(value)
-
-
-def _layer_rule(rule: Any) -> dict[str, Any]:
-    """A name -> layer rule as timm's ``group_matcher``: {group: regex | [[regex, [ordinal] | null], ...]}."""
-    if not isinstance(rule, Mapping) or not rule:
-        raise SpecError(f"param_groups.layer_rule must be an object of group -> regex, got {rule!r}")
-    out: dict[str, Any] = {}
-    for group, spec in rule.items():
-        where = f"param_groups.layer_rule.{group}"
-        entries = [(spec, None)] if isinstance(spec, str) else spec
-        if not isinstance(entries, (list, tuple)):
-            raise SpecError(f"{where} must be a regex or a list of [regex, ordinal], got {spec!r}")
-        checked = []
-        for entry in entries:
-            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
-                raise SpecError(f"{where}: each entry must be [regex, [ordinal] or null], got {entry!r}")
-            pattern, ordinal = entry
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise SpecError(f"{where}: invalid regex {pattern!r}: {exc}") from None
-            if ordinal is not None and not (
-                isinstance(ordinal, (list, tuple)) and all(isinstance(o, (int, float)) for o in ordinal)
-            ):
-                raise SpecError(f"{where}: ordinal must be a list of numbers or null, got {ordinal!r}")
-            checked.append((pattern, tuple(ordinal) if ordinal is not None else None))
-        out[group] = spec if isinstance(spec, str) else tuple(checked)
-    return out
 
 
 @dataclass(frozen=True)
@@ -312,17 +233,17 @@ class EmaSpec:
     def from_dict(cls, data: Mapping[str, Any] | None) -> EmaSpec | None:
         if data is None:
             return None
-        _require_keys("ema", data, {"decay", "warmup", "warmup_gamma", "warmup_power", "min_decay", "update_after_step"})
+        require_keys("ema", data, {"decay", "warmup", "warmup_gamma", "warmup_power", "min_decay", "update_after_step"})
         warmup = data.get("warmup", False)
         if not isinstance(warmup, bool):
             raise SpecError(f"ema.warmup must be true or false, got {warmup!r}")
         spec = cls(
-            decay=_number("ema.decay", data.get("decay", cls.decay), minimum=0.0, below=1.0 + 1e-12),
+            decay=number("ema.decay", data.get("decay", cls.decay), minimum=0.0, below=1.0 + 1e-12),
             warmup=warmup,
-            warmup_gamma=_number("ema.warmup_gamma", data.get("warmup_gamma", cls.warmup_gamma), minimum=1e-12),
-            warmup_power=_number("ema.warmup_power", data.get("warmup_power", cls.warmup_power), minimum=1e-12),
-            min_decay=_number("ema.min_decay", data.get("min_decay", cls.min_decay), minimum=0.0),
-            update_after_step=_integer("ema.update_after_step", data.get("update_after_step", 0)),
+            warmup_gamma=number("ema.warmup_gamma", data.get("warmup_gamma", cls.warmup_gamma), minimum=1e-12),
+            warmup_power=number("ema.warmup_power", data.get("warmup_power", cls.warmup_power), minimum=1e-12),
+            min_decay=number("ema.min_decay", data.get("min_decay", cls.min_decay), minimum=0.0),
+            update_after_step=integer("ema.update_after_step", data.get("update_after_step", 0)),
         )
         if spec.decay > 1.0:
             raise SpecError(f"ema.decay must be <= 1, got {spec.decay!r}")
@@ -355,10 +276,10 @@ class SwaSpec:
     def from_dict(cls, data: Mapping[str, Any] | None) -> SwaSpec | None:
         if data is None:
             return None
-        _require_keys("swa", data, {"start", "every", "swa_lr", "anneal_steps", "anneal_strategy", "interval"}, {"start"})
+        require_keys("swa", data, {"start", "every", "swa_lr", "anneal_steps", "anneal_strategy", "interval"}, {"start"})
         swa_lr = data.get("swa_lr")
         if swa_lr is not None:
-            _number("swa.swa_lr", swa_lr, minimum=0.0)
+            number("swa.swa_lr", swa_lr, minimum=0.0)
         strategy = data.get("anneal_strategy", "cos")
         if strategy not in ("cos", "linear"):
             raise SpecError(f"swa.anneal_strategy must be 'cos' or 'linear', got {strategy!r}")
@@ -366,10 +287,10 @@ class SwaSpec:
         if interval not in INTERVALS:
             raise SpecError(f"swa.interval must be 'step' or 'epoch', got {interval!r}")
         return cls(
-            start=_integer("swa.start", data["start"]),
-            every=_integer("swa.every", data.get("every", 1), minimum=1),
+            start=integer("swa.start", data["start"]),
+            every=integer("swa.every", data.get("every", 1), minimum=1),
             swa_lr=swa_lr,
-            anneal_steps=_integer("swa.anneal_steps", data.get("anneal_steps", 10)),
+            anneal_steps=integer("swa.anneal_steps", data.get("anneal_steps", 10)),
             anneal_strategy=strategy,
             interval=interval,
         )
@@ -398,7 +319,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunSpec:
-        _require_keys(
+        require_keys(
             "spec",
             data,
             {"params", "optimizer", "param_groups", "scheduler", "ema", "swa", "nonfinite", "seed"},
@@ -421,15 +342,16 @@ class RunSpec:
         scheduler = data.get("scheduler")
         if scheduler is not None and not isinstance(scheduler, Mapping):
             raise SpecError(f"spec.scheduler must be an object with a 'name', got {scheduler!r}")
+        optimizer = OptimizerSpec.from_dict(data["optimizer"])
         return cls(
             params=params,
-            optimizer=OptimizerSpec.from_dict(data["optimizer"]),
-            param_groups=GroupsSpec.from_dict(data.get("param_groups")),
+            optimizer=optimizer,
+            param_groups=GroupsSpec.from_dict(data.get("param_groups")).for_optimizer(optimizer.name),
             scheduler=scheduler,
             ema=EmaSpec.from_dict(data.get("ema")),
             swa=SwaSpec.from_dict(data.get("swa")),
             nonfinite=nonfinite,
-            seed=_integer("spec.seed", data.get("seed", 0)),
+            seed=integer("spec.seed", data.get("seed", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class RunPublic(BaseModel):
     lr: list[float | None] | None = Field(
         description="LR per group; null for a group whose optimizer has none (timm's relative-step Adafactor)."
     )
+    lr_notes: list[str | None] = Field(default_factory=list, description="Why a group's lr is null.")
     durability: Durability
     snapshot_every: int
     last_snapshot_t: int | None
@@ -74,7 +75,7 @@ class ScheduleStep(BaseModel):
 class SchedulePublic(BaseModel):
     t: int
     epoch: int
-    lr: list[float]
+    lr: list[float | None]
     interval: str | None
     scheduler: dict[str, Any] | None = Field(description="The scheduler's state_dict (JSON-encoded).")
 
@@ -82,7 +83,7 @@ class SchedulePublic(BaseModel):
 class SchedulePreview(BaseModel):
     interval: str | None
     start: int
-    lr: list[list[float]] = Field(description="LR of every group, for each of the next intervals.")
+    lr: list[list[float | None]] = Field(description="LR of every group, for each of the next intervals.")
 
 
 class CheckpointCreate(BaseModel):

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
+
+# Where tests that step run: the CPU, and CUDA where this machine has it (marked, so `-m "not cuda"` leaves it out).
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
 
 
 class Net(nn.Module):
@@ -54,7 +58,7 @@ def make_grads(
 
 def set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
     for n, p in model.named_parameters():
-        p.grad = grads[n].clone() if n in grads else None
+        p.grad = grads[n].to(p.device, copy=True) if n in grads else None
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,10 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ok else "unavailable", "detail": detail}, status_code=200 if ok else 503)
 
 
-@router.get("/optimizers", tags=["catalogue"], summary="Every optimizer: defaults, needs, availability")
-async def optimizers() -> dict[str, Any]:
-    return {"optimizers": [e.describe() for e in optim_core.list_optimizers()]}
+@router.get("/optimizers", tags=["catalogue"], summary="Every optimizer: defaults, needs, availability on this server's device")
+async def optimizers(request: Request) -> dict[str, Any]:
+    device = request.app.state.registry.ctx.device
+    return {"device": device.type, "optimizers": [e.describe(device=device) for e in optim_core.list_optimizers()]}
 
 
 @router.get("/schedulers", tags=["catalogue"], summary="Every LR scheduler")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import torch
 from starlette.concurrency import run_in_threadpool
 
 import optim_core
 from optim_core import RunSpec, RunState
+from optim_core import describe as describe_lrs
 from schemas import RunCreate, RunPublic
 
 from ..errors import Invalid, RunConflict, RunNotFound, from_engine
@@ -42,6 +44,7 @@ def public(row: Run, live: Live | None) -> RunPublic:
         t=t,
         epoch=epoch,
         lr=lrs,
+        lr_notes=lr_notes(row.spec, groups),
         durability=row.durability,
         snapshot_every=row.snapshot_every,
         last_snapshot_t=row.last_snapshot_t if live is None else live.last_snapshot_t,
@@ -56,6 +59,15 @@ def public(row: Run, live: Live | None) -> RunPublic:
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
+
+
+def lr_notes(spec: dict[str, Any], groups: list[dict[str, Any]]) -> list[str | None]:
+    """Why a group's LR is null (timm's relative-step Adafactor), from the stored spec and groups alone."""
+    name = spec["optimizer"]["name"] if isinstance(spec.get("optimizer"), dict) else spec.get("optimizer")
+    try:
+        return describe_lrs.lr_notes(groups, optim_core.get_optimizer(str(name)).class_path)
+    except optim_core.EngineError:  # an entry this server's catalogue lacks: nothing to explain with
+        return [None for _ in groups]
 
 
 def _row(ctx: RunContext, tenant: str, name: str) -> Run:
@@ -107,9 +119,9 @@ def _create(ctx: RunContext, tenant: str, body: RunCreate, read_params: ParamsRe
     if count >= ctx.settings.max_runs:
         raise Invalid(f"this tenant has {count} runs, the limit is {ctx.settings.max_runs}")
     try:
-        state = RunState(spec, read_params(spec), device=ctx.device)
-        # everything the answer and the row say of the run, before anything is written (on a GPU, host copies)
-        parts, state_digest, facts = state.parts(), state.digest(), described(state)
+        # built, tried on a miniature and described: whatever the libraries refuse is a 422 and nothing is stored
+        state, engine_facts = RunState.create(spec, read_params(spec), device=ctx.device)
+        parts, state_digest, facts = state.parts(), engine_facts["digest"], described(state)  # on a GPU, host copies
     except optim_core.EngineError as exc:
         raise from_engine(exc) from None
     key = new_key()

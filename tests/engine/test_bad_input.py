@@ -48,6 +48,15 @@ BAD_SPECS = [
     ({"optimizer": {"name": "torch.Rprop", "weight_decay": 0.1}}, SpecError, "has no weight_decay"),
     ({"optimizer": {"name": "lion", "implementation": "fused"}}, SpecError, "no 'fused' implementation"),
     ({"optimizer": {"name": "adamw", "implementation": "turbo"}}, SpecError, "turbo"),
+    # only lookahead_ entries take lookahead_*: elsewhere the class refuses it (it was dropped silently)
+    ({"optimizer": {"name": "adamw", "lookahead_k": 5}}, SpecError, "'adamw' rejected its options {lookahead_k=5}: TypeError"),
+    # timm's Adafactor without lr steps by relative step sizes: there is no LR for a scheduler or SWALR to scale
+    ({"optimizer": {"name": "adafactor"}}, SpecError, r"scheduler 'LambdaLR' scale\(s\) the lr .* relative step size"),
+    (
+        {"optimizer": {"name": "cadafactor"}, "scheduler": None, "swa": {"start": 2, "swa_lr": 0.01}},
+        SpecError,
+        r"swa.swa_lr \(SWALR\) scale\(s\).*group\(s\) \[0\]",
+    ),
     ({"optimizer": 3}, SpecError, "optimizer must be a name"),
     ({"scheduler": {"name": "CosineAnnealingLRR"}}, UnknownName, "CosineAnnealingLRR"),
     ({"scheduler": {"name": "StepLR"}}, SpecError, "StepLR rejected"),
@@ -66,6 +75,36 @@ def test_bad_spec_is_named(changes: dict[str, Any], error: type[Exception], mess
     model = make_model()
     with pytest.raises(error, match=message):
         RunState(_spec(model, **changes), initial_params(model))
+
+
+# Options torch and timm accept when the optimizer is built and refuse only when it steps: RunState.create takes a
+# first step on a miniature of the run, so they are refused before anything is stored (issue 22).
+FIRST_STEP_REFUSALS = [
+    ({"name": "adamw", "capturable": True}, "AssertionError: If capturable=True"),
+    ({"name": "muon", "ns_steps": 2**53}, "muon"),
+    ({"name": "torch.Adam", "differentiable": True}, "RuntimeError: a leaf Variable that requires grad"),
+    ({"name": "lamb", "max_grad_norm": "odd"}, "TypeError"),
+    ({"name": "kron", "preconditioner_update_probability": 0}, "ZeroDivisionError"),
+]
+
+
+@pytest.mark.parametrize(("optimizer", "message"), FIRST_STEP_REFUSALS)
+def test_options_refused_at_the_first_step_are_refused_at_creation(optimizer: dict[str, Any], message: str) -> None:
+    model = make_model()
+    spec = {"params": manifest(model), "optimizer": optimizer}
+    RunState(spec, initial_params(model), device="cpu")  # the library builds it...
+    with pytest.raises(SpecError, match="fails at its first step") as info:  # ...but could not step it
+        RunState.create(spec, initial_params(model), device="cpu")
+    assert message in str(info.value) and optimizer["name"] in str(info.value)
+
+
+def test_create_answers_what_a_service_reads() -> None:
+    model = make_model()
+    spec = _spec(model, optimizer={"name": "adafactor"}, scheduler=None)
+    run, facts = RunState.create(spec, initial_params(model))
+    assert facts == run.describe() and facts["t"] == 0 and facts["digest"] == run.digest()
+    assert facts["lr"] == [None] and "relative step" in facts["lr_notes"][0] and facts["groups"][0]["lr"] is None
+    assert run.optimizer.state_dict()["state"] == {}  # the trial stepped a miniature, not the run
 
 
 UNSAFE = [

@@ -1,18 +1,22 @@
-"""Every catalogue entry, stepped through RunState, is bitwise the optimizer timm / torch builds in-process."""
+"""Every catalogue entry, stepped through RunState, is bitwise the optimizer timm / torch builds in-process:
+with options, and with none at all (a name means its library's behaviour, issue 19)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import timm.optim
 import torch
 
-from optim_core import RunState, Unavailable, get_optimizer, list_optimizers
+from optim_client.remote import _as_torch
+from optim_core import RunState, SpecError, Unavailable, get_optimizer, list_optimizers
 from optim_core.catalogue import LOOKAHEAD_PREFIX, TORCH_PREFIX
 from optim_format import framing
 
 from ..reference import (
+    DEVICES,
     assert_params_bitwise,
     assert_tree_bitwise,
     initial_params,
@@ -64,18 +68,12 @@ def _weight_decay(name: str) -> float | None:
     return WD if entry.family == "timm" or "weight_decay" in entry.hyperparameters else None
 
 
-def _reference(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """What a user writes in-process for this catalogue name."""
+def _reference(name: str, model: torch.nn.Module, **options: Any) -> torch.optim.Optimizer:
+    """What a user writes in-process for this catalogue name: ``torch.optim.X(model.parameters(), **options)`` or
+    ``timm.optim.create_optimizer_v2(model, name, **options)``."""
     if name.startswith(TORCH_PREFIX):
-        cls = getattr(torch.optim, name.removeprefix(TORCH_PREFIX))
-        if _weight_decay(name) is None:
-            return cls(model.parameters(), lr=LR)
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
-        groups = [{"params": no_decay, "weight_decay": 0.0}] if no_decay else []
-        groups.append({"params": decay, "weight_decay": WD})
-        return cls(groups, lr=LR, weight_decay=WD)
-    return timm.optim.create_optimizer_v2(model, opt=name, lr=LR, weight_decay=WD)
+        return getattr(torch.optim, name.removeprefix(TORCH_PREFIX))(model.parameters(), **options)
+    return timm.optim.create_optimizer_v2(model, name, **options)
 
 
 def _as_received(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,19 +82,22 @@ def _as_received(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return framing.views(framing.encode(framing.aligned_first(grads)))[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("donate", [False, True], ids=["copied", "donated"])
 @pytest.mark.parametrize("name", AVAILABLE)
-def test_steps_bitwise_equal_to_in_process(name: str, donate: bool) -> None:
+def test_steps_bitwise_equal_to_in_process(name: str, donate: bool, device: str) -> None:
     only_2d = "2d_params" in get_optimizer(name).needs
-    model = make_model(only_2d=only_2d)
+    model = make_model(only_2d=only_2d).to(device)
     options = {"lr": LR} if _weight_decay(name) is None else {"lr": LR, "weight_decay": WD}
     spec = {"params": manifest(model), "optimizer": {"name": name, **options}, "seed": SEED}
-    run = RunState(spec, initial_params(model))
+    run = RunState(spec, initial_params(model), device=device)
     # the last weight gets no gradient at step 2: a missing name means p.grad is None, as in torch
     grads = make_grads(model, STEPS, drop=(2, "head.weight"))
 
     torch.manual_seed(SEED)  # what the run's seed stands for: the global RNG at the start of the loop
-    ref = _reference(name, model)
+    if device == "cuda":
+        torch.cuda.manual_seed(SEED)
+    ref = _reference(name, model, **options)
     for g in grads:
         set_grads(model, g)
         ref.step()
@@ -110,6 +111,98 @@ def test_steps_bitwise_equal_to_in_process(name: str, donate: bool) -> None:
     assert_params_bitwise(model, run.params(), name)
     assert_tree_bitwise(ref.state_dict()["state"], run.optimizer.state_dict()["state"], name)
     assert run.lrs == [g["lr"] for g in ref.param_groups]
+
+
+def _as_json(value: Any) -> Any:
+    """A param-group option as JSON says it (tuples as lists, dtypes by name): what ``RunState.groups()`` answers."""
+    return json.loads(json.dumps(value, allow_nan=False, default=lambda v: str(v).removeprefix("torch.")))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_defaults_alone_are_the_library_s(name: str, device: str) -> None:
+    """``{"name": name}`` and nothing else steps exactly as ``torch.optim.X(model.parameters())`` or
+    ``create_optimizer_v2(model, name)``: the same groups (every key, ``betas`` included), LRs and bits."""
+    model = make_model(only_2d="2d_params" in get_optimizer(name).needs).to(device)
+    spec = {"params": manifest(model), "optimizer": {"name": name}, "seed": SEED}
+    torch.manual_seed(SEED)
+    if device == "cuda":
+        torch.cuda.manual_seed(SEED)
+    try:
+        ref = _reference(name, model)
+    except (ValueError, TypeError) as exc:  # timm's SGDP has no default lr: the library itself refuses
+        with pytest.raises(SpecError) as info:
+            RunState.create(spec, initial_params(model), device=device)
+        assert name in str(info.value) and str(exc) in str(info.value)
+        return
+    run, facts = RunState.create(spec, initial_params(model), device=device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in ref.param_groups for p in g["params"]]
+    expected_groups = [
+        {"params": [order[i] for i in g["params"]], **{k: _as_json(v) for k, v in g.items() if k != "params"}}
+        for g in ref.state_dict()["param_groups"]
+    ]
+    assert run.groups() == expected_groups == facts["groups"]
+    for k, g in enumerate(make_grads(model, STEPS)):
+        set_grads(model, g)
+        ref.step()
+        run.apply(g, k)
+    assert_params_bitwise(model, run.params(), name)
+    assert_tree_bitwise(ref.state_dict()["state"], run.optimizer.state_dict()["state"], name)
+    # timm's relative-step Adafactor has no one LR per group: None, and a note that says why
+    expected_lrs = [None if g.get("relative_step") else g["lr"] for g in ref.param_groups]
+    assert run.lrs == expected_lrs and facts["lr"] == [
+        None if g.get("relative_step") else g["lr"] for g in run.optimizer.param_groups
+    ]
+    notes = run.lr_notes()
+    assert [n is None for n in notes] == [lr is not None for lr in expected_lrs]
+    assert all("relative step" in n for n in notes if n is not None)
+    json.dumps(facts, allow_nan=False)
+
+
+def test_a_torch_name_decays_every_tensor_as_torch_does() -> None:
+    """Issue 19: torch.AdamW with lr alone is torch.optim.AdamW(params, lr=...): 1-D tensors decay too (0.01)."""
+    model = make_model()
+    run = RunState({"params": manifest(model), "optimizer": {"name": "torch.AdamW", "lr": 1e-3}}, initial_params(model))
+    assert [g["weight_decay"] for g in run.groups()] == [0.01] and len(run.groups()[0]["params"]) == len(manifest(model))
+    assert run.spec.to_dict()["param_groups"]["filter_bias_and_bn"] is False  # stored explicitly, decided once
+    timm_run = RunState({"params": manifest(model), "optimizer": {"name": "adamw", "weight_decay": 0.05}}, initial_params(model))
+    assert timm_run.spec.to_dict()["param_groups"]["filter_bias_and_bn"] is True  # create_optimizer_v2's default
+
+
+def test_a_stored_torch_spec_that_filters_keeps_filtering() -> None:
+    """Runs stored before issue 19 say ``filter_bias_and_bn: true`` explicitly: they build what they built then."""
+    model = make_model()
+    spec = {
+        "params": manifest(model),
+        "optimizer": {"name": "torch.AdamW", "lr": LR, "weight_decay": WD},
+        "param_groups": {"filter_bias_and_bn": True},
+    }
+    run = RunState(spec, initial_params(model))
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
+    ref = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay}], lr=LR, weight_decay=WD)
+    for k, g in enumerate(make_grads(model, STEPS)):
+        set_grads(model, g)
+        ref.step()
+        run.apply(g, k)
+    assert_params_bitwise(model, run.params(), "filtered torch.AdamW")
+    assert [g["weight_decay"] for g in run.groups()] == [0.0, WD]
+
+
+@pytest.mark.parametrize("name", ["torch.AdamW", "adamw", "torch.Rprop", "lamb", "lookahead_adan"])
+def test_groups_read_back_by_the_client_are_torch_s(name: str) -> None:
+    """RemoteOptimizer builds its param_groups from the service's JSON ``groups``: the options come back as torch
+    holds them, tuples included (``betas``, Rprop's ``etas`` and ``step_sizes``)."""
+    model = make_model()
+    run = RunState({"params": manifest(model), "optimizer": {"name": name}}, initial_params(model))
+    received = json.loads(json.dumps(run.groups()))
+    ref = _reference(name, model)
+    for mine, theirs in zip(received, ref.param_groups, strict=True):
+        options = {k: _as_torch(v) for k, v in mine.items() if k != "params"}
+        expected = {k: v for k, v in theirs.items() if k != "params"}
+        assert options == expected and {k: type(v) for k, v in options.items()} == {k: type(v) for k, v in expected.items()}
+    assert any(isinstance(v, tuple) for g in ref.param_groups for v in g.values())  # the case has tuples to restore
 
 
 @pytest.mark.parametrize("name", UNAVAILABLE)

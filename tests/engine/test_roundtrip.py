@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import timm.optim
 import torch
 
-from optim_core import RunState, SnapshotError, get_optimizer, list_optimizers
+from optim_core import RunState, SnapshotError, get_optimizer
 from optim_format import snapshot
 
 from ..reference import (
@@ -16,7 +15,6 @@ from ..reference import (
     make_grads,
     make_model,
     manifest,
-    set_grads,
 )
 
 REPRESENTATIVE = [
@@ -141,37 +139,3 @@ def test_snapshot_from_elsewhere_is_refused(field: str, value: str, message: str
 def test_garbage_is_not_a_snapshot(data: bytes) -> None:
     with pytest.raises(SnapshotError):
         RunState.from_bytes(data)
-
-
-IMPLEMENTED = [(e.name, impl) for e in list_optimizers() if e.available for impl in e.implementations if impl != "default"]
-
-
-@pytest.mark.parametrize(("name", "implementation"), IMPLEMENTED)
-def test_foreach_and_fused_match_like_with_like(name: str, implementation: str) -> None:
-    model = make_model(only_2d="2d_params" in get_optimizer(name).needs)
-    grads = make_grads(model, 3)
-    # filter_bias_and_bn off: the spec is then exactly `Class(model.parameters(), ...)` for torch.* too
-    spec = {
-        "params": manifest(model),
-        "optimizer": {"name": name, "lr": 0.01, "implementation": implementation},
-        "param_groups": {"filter_bias_and_bn": False},
-    }
-    try:
-        if name.startswith("torch."):
-            ref = getattr(torch.optim, name.removeprefix("torch."))(model.parameters(), lr=0.01, **{implementation: True})
-        else:
-            ref = timm.optim.create_optimizer_v2(model, opt=name, lr=0.01, **{implementation: True})
-    except (RuntimeError, ValueError, TypeError) as exc:
-        # torch has no such kernel for this device: the engine must refuse the same spec, saying so
-        with pytest.raises(Exception, match=implementation) as info:
-            RunState(spec, initial_params(model))
-        assert type(exc).__name__ in str(info.value) or str(exc)[:40] in str(info.value) or implementation in str(info.value)
-        return
-    run = RunState(spec, initial_params(model))
-    for k, g in enumerate(grads):
-        set_grads(model, g)
-        ref.step()
-        run.apply(g, k)
-    params = run.params()
-    assert all(bitwise_equal(p, params[n]) for n, p in model.named_parameters())
-    assert_tree_bitwise(ref.state_dict()["state"], run.optimizer.state_dict()["state"], name)
