@@ -22,6 +22,7 @@ import torch
 
 from optim_format import FormatError, dtypes, framing, snapshot, tree
 
+from . import sparse
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
 from .errors import (
@@ -104,6 +105,7 @@ class RunState:
         self.epoch = 0
         self.skipped_steps = 0
         self._broken: str | None = None
+        self._names_by_id: dict[int, str] | None = None
 
     # ------------------------------------------------------------------ checks
     def _check_initial_params(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,7 +131,8 @@ class RunState:
     def check_gradients(self, grads: Mapping[str, torch.Tensor], *, donate: bool = False) -> dict[str, torch.Tensor]:
         """Validate a gradient payload; return it on the run's device in each parameter's dtype.
 
-        A missing name means "no gradient" (``p.grad is None``), as in torch. Lower-precision float
+        A missing name means "no gradient" (``p.grad is None``), as in torch. A sparse COO gradient stays sparse
+        (``optim_core.sparse.checked``: its indices are checked, it is always copied). Lower-precision float
         gradients (bf16/fp16 on the wire) are applied in the parameter's dtype. Each gradient is copied (the
         optimizer may change ``.grad`` in place), except with ``donate``: the caller gives its tensors to the
         step and will not read them again, so one already on the device, in the parameter's dtype, contiguous
@@ -149,8 +152,8 @@ class RunState:
             p = self._params[name]
             if not isinstance(g, torch.Tensor):
                 raise GradientError(f"gradient {name!r} is a {type(g).__name__}, not a tensor")
-            if g.layout != torch.strided:
-                raise GradientError(f"gradient {name!r} is {g.layout}; {self.entry.name!r} takes dense gradients")
+            if g.layout not in (torch.strided, torch.sparse_coo):
+                raise GradientError(f"gradient {name!r} is {g.layout}; gradients are dense (strided) or sparse COO")
             if not g.is_floating_point():
                 raise GradientError(f"gradient {name!r} has dtype {dtypes.name_of(g.dtype)}; gradients must be floating point")
             if tuple(g.shape) != tuple(p.shape):
@@ -160,7 +163,9 @@ class RunState:
                     f"gradient {name!r} has dtype {dtypes.name_of(g.dtype)}, the parameter {dtypes.name_of(p.dtype)}; "
                     "a gradient must have the parameter's dtype or a narrower float (float16, bfloat16)"
                 )
-            if (
+            if g.layout == torch.sparse_coo:
+                out[name] = sparse.checked(name, g, p.dtype, self.device)
+            elif (
                 donate
                 and g.device == self.device
                 and g.dtype == p.dtype
@@ -199,6 +204,9 @@ class RunState:
             raise StepMismatch(f"gradient is for step t={t!r}, the run is at t={self.t}", current_t=self.t)
         _check_finite("loss", loss)
         prepared = self.check_gradients(grads, donate=donate)
+        refused = sparse.refusal(self.optimizer, self._name_of_param(), prepared)
+        if refused is not None:
+            raise GradientError(f"{self.entry.name!r} cannot take this step: {refused}")
         steps_schedule = self._schedule_steps_now(epoch=False)
         if steps_schedule:
             assert self.schedule is not None
@@ -277,6 +285,12 @@ class RunState:
         return {n: t.detach() for n, t in avg.tensors().items()} if avg is not None else None
 
     # ------------------------------------------------------------------ state
+    def _name_of_param(self) -> dict[int, str]:
+        """Parameter names by ``id`` of the parameter (the protocols find parameters through the optimizer)."""
+        if self._names_by_id is None:
+            self._names_by_id = {id(p): n for n, p in self._params.items()}
+        return self._names_by_id
+
     def _optimizer_order(self) -> list[str]:
         name_of = {id(p): n for n, p in self._params.items()}
         return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
@@ -560,8 +574,9 @@ def _nonfinite(grads: Mapping[str, torch.Tensor]) -> list[str]:
     if not grads:
         return []
     names = list(grads)
-    finite = torch.isfinite(torch.stack([torch.linalg.vector_norm(grads[n]).float() for n in names])).tolist()
-    return sorted(n for n, ok in zip(names, finite, strict=True) if not ok and not bool(torch.isfinite(grads[n]).all()))
+    dense = {n: sparse.nonfinite_view(grads[n]) for n in names}  # a sparse gradient's values
+    finite = torch.isfinite(torch.stack([torch.linalg.vector_norm(dense[n]).float() for n in names])).tolist()
+    return sorted(n for n, ok in zip(names, finite, strict=True) if not ok and not bool(torch.isfinite(dense[n]).all()))
 
 
 def _plain(obj: Any) -> Any:
