@@ -41,6 +41,11 @@ class StepMismatch(EngineError):
         self.current_t = current_t
 
 
+class ProtocolRequired(EngineError):
+    """A step sent the way an optimizer cannot take it: LBFGS steps by closure evaluations
+    (``optim_core.closure``), Adahessian needs Hessian estimates beside the gradients (``optim_core.hessian``)."""
+
+
 class SnapshotError(EngineError):
     """A snapshot that cannot be loaded into this process (corrupt, other torch, other device)."""
 

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from optim_format import FormatError, dtypes, framing, snapshot, tree
+from optim_format.hessian import HessianRequest
 
-from . import sparse
+from . import hessian, sparse
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
 from .errors import (
@@ -196,14 +197,25 @@ class RunState:
     def lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
-    def apply(self, grads: Mapping[str, torch.Tensor], t: int, loss: float | None = None, *, donate: bool = False) -> StepResult:
+    def apply(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        t: int,
+        loss: float | None = None,
+        *,
+        donate: bool = False,
+        hessians: Mapping[str, torch.Tensor] | None = None,
+    ) -> StepResult:
         """Apply the gradients computed at step ``t`` (which must be the current step count). ``donate``: the
-        caller will not read ``grads`` again, and those that need no conversion are not copied (``check_gradients``)."""
+        caller will not read ``grads`` again, and those that need no conversion are not copied (``check_gradients``).
+        ``hessians``: for Adahessian, the Hessian-diagonal estimates that ``hessian_request()`` asked for
+        (``optim_core.hessian``)."""
         self._check_usable()
         if isinstance(t, bool) or not isinstance(t, int) or t != self.t:
             raise StepMismatch(f"gradient is for step t={t!r}, the run is at t={self.t}", current_t=self.t)
         _check_finite("loss", loss)
         prepared = self.check_gradients(grads, donate=donate)
+        feed = hessian.prepare(self, prepared, hessians)
         refused = sparse.refusal(self.optimizer, self._name_of_param(), prepared)
         if refused is not None:
             raise GradientError(f"{self.entry.name!r} cannot take this step: {refused}")
@@ -211,7 +223,7 @@ class RunState:
         if steps_schedule:
             assert self.schedule is not None
             self.schedule.check(epoch=False, metric=loss)
-        nonfinite = _nonfinite(prepared)
+        nonfinite = _nonfinite(prepared) + (_nonfinite(feed.estimates, "#hessian") if feed is not None else [])
         if nonfinite and self.spec.nonfinite == "error":
             raise NonFiniteGradient(
                 f"gradient(s) {nonfinite[:10]} contain NaN or Inf; the step was not applied "
@@ -223,7 +235,7 @@ class RunState:
             if nonfinite:
                 self.skipped_steps += 1
             else:
-                with self._rng_scope():
+                with self._rng_scope(), hessian.fed(self.optimizer, feed):
                     self.optimizer.step()
             self.t += 1
             if steps_schedule:
@@ -240,6 +252,10 @@ class RunState:
             for p in self._params.values():
                 p.grad = None
         return StepResult(t=self.t, lrs=self.lrs, skipped=bool(nonfinite))
+
+    def hessian_request(self) -> HessianRequest:
+        """What the worker must estimate for the next step of an Adahessian run: see ``optim_core.hessian``."""
+        return hessian.request(self)
 
     def step_epoch(self, metric: float | None = None) -> StepResult:
         """The end of an epoch: epoch-interval schedulers (with the metric for plateau ones) and SWA."""
@@ -320,7 +336,7 @@ class RunState:
         self.optimizer.load_state_dict(sd)
 
     def _tree(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT,
             "torch": torch.__version__,
             "device": self.device.type,
@@ -335,6 +351,10 @@ class RunState:
             "swa": self.swa.state_dict() if self.swa else None,
             "rng": self._rng,
         }
+        extra = hessian.state_tree(self)  # only where there is one: the digests of other states stay as they were
+        if extra is not None:
+            out["hessian"] = extra
+        return out
 
     def _encoded(self) -> tuple[Any, dict[str, torch.Tensor]]:
         self._check_usable()
@@ -415,13 +435,24 @@ class RunState:
             new._load_export(data)
             # what loads may still not run (an lr that is a string, moments of the wrong shape): try a step on a copy
             trial = RunState.from_bytes(new.to_bytes(), device=self.device)
-            trial.apply({n: torch.zeros_like(p) for n, p in trial._params.items()}, trial.t)
+            trial._trial_step()
             new.groups()
         except SnapshotError:
             raise
         except Exception as exc:  # a client's state that torch cannot load or step is the client's fault
             raise SnapshotError(f"the state does not fit this run: {type(exc).__name__}: {str(exc)[:300]}") from None
         return new
+
+    def _trial_step(self) -> None:
+        """One step of zero gradients, the way this optimizer steps (Hessian estimates, sparse)."""
+        zeros = {n: torch.zeros_like(p) for n, p in self._params.items()}
+        if "sparse_grad" in self.entry.needs:
+            zeros = {n: z.to_sparse(1) for n, z in zeros.items()}
+        if "hessian" in self.entry.needs:
+            request = self.hessian_request()
+            self.apply(zeros, self.t, hessians={n: hessian.zeros_for(self, n) for n in request.params})
+            return
+        self.apply(zeros, self.t)
 
     def _load_export(self, data: Mapping[str, Any]) -> None:
         for key, tensors in (("model", self._params), ("ema", self.averages("ema")), ("swa", self.averages("swa"))):
@@ -546,6 +577,7 @@ class RunState:
             state.ema.load_state_dict(saved["ema"])
         state.t, state.epoch, state.skipped_steps = saved["t"], saved["epoch"], saved["skipped_steps"]
         state._rng = saved["rng"]
+        hessian.load_state_tree(state, saved.get("hessian"))
         return state
 
 
@@ -566,7 +598,7 @@ class Captured:
         return snapshot.digest(self.meta, self.tensors)
 
 
-def _nonfinite(grads: Mapping[str, torch.Tensor]) -> list[str]:
+def _nonfinite(grads: Mapping[str, torch.Tensor], suffix: str = "") -> list[str]:
     """The names of the gradients holding NaN or Inf. A tensor's 2-norm is finite when all of it is
     (NaN and Inf carry through the sum of squares), and costs one vectorized pass, where
     ``isfinite(g).all()`` costs ~10x more on CPU; only a non-finite norm (which a very large but finite
@@ -576,7 +608,7 @@ def _nonfinite(grads: Mapping[str, torch.Tensor]) -> list[str]:
     names = list(grads)
     dense = {n: sparse.nonfinite_view(grads[n]) for n in names}  # a sparse gradient's values
     finite = torch.isfinite(torch.stack([torch.linalg.vector_norm(dense[n]).float() for n in names])).tolist()
-    return sorted(n for n, ok in zip(names, finite, strict=True) if not ok and not bool(torch.isfinite(dense[n]).all()))
+    return sorted(n + suffix for n, ok in zip(names, finite, strict=True) if not ok and not bool(torch.isfinite(dense[n]).all()))
 
 
 def _plain(obj: Any) -> Any:
