@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,14 +29,19 @@ from .catalogue import get_optimizer
 from .errors import (
     GradientError,
     NonFiniteGradient,
+    ProtocolRequired,
     SnapshotError,
     SpecError,
     StepFailed,
+    StepInProgress,
     StepMismatch,
 )
 from .params import ParamModule, build_optimizer
 from .schedulers import Schedule
 from .spec import RunSpec, is_finite_number
+
+if TYPE_CHECKING:
+    from .closure import ClosureStep
 
 FORMAT = "optim-run/1"
 MAX_T = 2**62  # steps and epochs: far beyond any run, and within every database's BIGINT
@@ -106,6 +111,7 @@ class RunState:
         self.epoch = 0
         self.skipped_steps = 0
         self._broken: str | None = None
+        self._busy: str | None = None  # a closure step under way (optim_core.closure)
         self._names_by_id: dict[int, str] | None = None
 
     # ------------------------------------------------------------------ checks
@@ -181,6 +187,10 @@ class RunState:
     def _check_usable(self) -> None:
         if self._broken is not None:
             raise StepFailed(f"this run state failed earlier and must be reloaded from a snapshot: {self._broken}")
+        if self._busy is not None:
+            raise StepInProgress(
+                f"{self._busy} is under way: the state can be stepped, snapshotted or digested only between steps"
+            )
 
     def _schedule_steps_now(self, *, epoch: bool) -> bool:
         """Whether the LR scheduler steps at the end of this step (or epoch), SWA's SWALR not having taken over."""
@@ -209,8 +219,13 @@ class RunState:
         """Apply the gradients computed at step ``t`` (which must be the current step count). ``donate``: the
         caller will not read ``grads`` again, and those that need no conversion are not copied (``check_gradients``).
         ``hessians``: for Adahessian, the Hessian-diagonal estimates that ``hessian_request()`` asked for
-        (``optim_core.hessian``)."""
+        (``optim_core.hessian``); closure optimizers (LBFGS) step through ``begin_closure_step`` instead."""
         self._check_usable()
+        if "closure" in self.entry.needs:
+            raise ProtocolRequired(
+                f"{self.entry.name} steps by closure evaluations, not by one gradient: use begin_closure_step(t) "
+                "(optim_core.closure.ClosureStep), then provide(k, loss, gradients) for each evaluation it asks for"
+            )
         if isinstance(t, bool) or not isinstance(t, int) or t != self.t:
             raise StepMismatch(f"gradient is for step t={t!r}, the run is at t={self.t}", current_t=self.t)
         _check_finite("loss", loss)
@@ -237,14 +252,7 @@ class RunState:
             else:
                 with self._rng_scope(), hessian.fed(self.optimizer, feed):
                     self.optimizer.step()
-            self.t += 1
-            if steps_schedule:
-                assert self.schedule is not None
-                self.schedule.after_step(self.t, loss)
-            if self.swa is not None and self.swa.spec.interval == "step" and self.swa.active(self.t):
-                self.swa.after(self.module, self.t)
-            if self.ema is not None:
-                self.ema.update(self.module, self.t)
+            self._after_step(loss, steps_schedule=steps_schedule)
         except Exception as exc:
             self._broken = f"step t={t} raised {type(exc).__name__}: {exc}"
             raise StepFailed(f"{self.entry.name!r} failed in step t={t}: {type(exc).__name__}: {exc}") from exc
@@ -252,6 +260,23 @@ class RunState:
             for p in self._params.values():
                 p.grad = None
         return StepResult(t=self.t, lrs=self.lrs, skipped=bool(nonfinite))
+
+    def _after_step(self, loss: float | None, *, steps_schedule: bool) -> None:
+        """What follows an optimizer step in the user's loop: the count, the per-step scheduler, SWA, EMA."""
+        self.t += 1
+        if steps_schedule:
+            assert self.schedule is not None
+            self.schedule.after_step(self.t, loss)
+        if self.swa is not None and self.swa.spec.interval == "step" and self.swa.active(self.t):
+            self.swa.after(self.module, self.t)
+        if self.ema is not None:
+            self.ema.update(self.module, self.t)
+
+    def begin_closure_step(self, t: int) -> ClosureStep:
+        """Start step ``t`` of a closure optimizer (LBFGS): see ``optim_core.closure.ClosureStep``."""
+        from .closure import ClosureStep  # closure builds on this module
+
+        return ClosureStep.begin(self, t)
 
     def hessian_request(self) -> HessianRequest:
         """What the worker must estimate for the next step of an Adahessian run: see ``optim_core.hessian``."""
@@ -401,6 +426,7 @@ class RunState:
     def export(self) -> dict[str, Any]:
         """A checkpoint for plain torch/timm: ``model``, ``optimizer`` (with ``param_names``), ``lr_scheduler``,
         ``ema`` / ``swa``, ``step``; only tensors and containers, so ``torch.load(weights_only=True)`` reads it."""
+        self._check_usable()
         sd = self.optimizer.state_dict()
         names = self._names_in_optimizer_order
         optimizer = {
@@ -444,10 +470,15 @@ class RunState:
         return new
 
     def _trial_step(self) -> None:
-        """One step of zero gradients, the way this optimizer steps (Hessian estimates, sparse)."""
+        """One step of zero gradients, the way this optimizer steps (closure, Hessian estimates, sparse)."""
         zeros = {n: torch.zeros_like(p) for n, p in self._params.items()}
         if "sparse_grad" in self.entry.needs:
             zeros = {n: z.to_sparse(1) for n, z in zeros.items()}
+        if "closure" in self.entry.needs:
+            step = self.begin_closure_step(self.t)
+            while step.waiting_for is not None:
+                step.provide(step.waiting_for, 0.0, zeros)
+            return
         if "hessian" in self.entry.needs:
             request = self.hessian_request()
             self.apply(zeros, self.t, hessians={n: hessian.zeros_for(self, n) for n in request.params})
