@@ -79,6 +79,23 @@ def _named(params: Iterable[Any]) -> tuple[list[tuple[str, torch.Tensor]], list[
     return [(str(i), p) for i, p in enumerate(items)], None
 
 
+def gradient_body(params: Mapping[str, torch.Tensor], wire_dtype: torch.dtype | None = None) -> list[memoryview]:
+    """A step's body: each parameter's ``.grad`` (none for those without), in ``wire_dtype`` if given.
+
+    The header, then each gradient's own memory (sent without a copy), those of whole multiples of 64 bytes
+    first: the service can then step on them where they land in its buffer instead of copying them. A sparse
+    gradient (``nn.Embedding(sparse=True)``) goes as its indices and values (``framing.flatten``), as torch holds them.
+    """
+    grads = {}
+    for name, p in params.items():
+        if p.grad is not None:
+            g = p.grad.detach()
+            if wire_dtype is not None:
+                g = g.to(wire_dtype)
+            grads[name] = g
+    return framing.parts(framing.aligned_first(framing.flatten(grads)))
+
+
 class RemoteScheduler:
     """The run's LR scheduler, as a worker sees it: epoch steps (with a metric for plateau schedulers)."""
 
@@ -185,20 +202,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = {}
-        for name, p in self._by_name.items():
-            if p.grad is not None:
-                g = p.grad.detach()
-                if self.wire_dtype is not None:
-                    g = g.to(self.wire_dtype)
-                grads[name] = g
         params: dict[str, Any] = {"t": self.t}
         if loss is not None:
             params["loss"] = float(loss)
         start = time.perf_counter()
-        # the header, then each gradient's own memory (sent without a copy), those of whole multiples of 64 bytes
-        # first: the service can then step on them where they land in its buffer instead of copying them
-        body = framing.parts(framing.aligned_first(grads))
+        body = gradient_body(self._by_name, self.wire_dtype)
         sent = time.perf_counter()
         if self._partial:
             log.warning(

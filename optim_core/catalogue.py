@@ -27,13 +27,15 @@ from .errors import Unavailable, UnknownName
 TORCH_PREFIX = "torch."
 LOOKAHEAD_PREFIX = "lookahead_"
 
-# What an optimizer needs beyond a first-order gradient; until a protocol exists for one of these,
-# the entry is unavailable and says why.
-NEEDS_PROTOCOL = {
-    "closure": "re-evaluates the loss several times per step (a closure); the closure protocol is not available yet",
-    "hessian": "needs a Hessian-diagonal estimate with every gradient; the second-order protocol is not available yet",
-    "sparse_grad": "takes sparse gradients only; the sparse-gradient protocol is not available yet",
+# What an optimizer needs beyond a first-order gradient, and the protocol that provides it: an entry that
+# needs one is available, and its ``needs`` tell a client which protocol to speak.
+PROTOCOLS = {
+    "closure": "steps by closure evaluations, one round trip each (optim_core.closure)",
+    "hessian": "takes a Hessian-diagonal estimate beside each gradient (optim_core.hessian)",
+    "sparse_grad": "takes sparse COO gradients only (optim_core.sparse)",
 }
+# Needs without a protocol yet: such an entry is unavailable and says why (none today).
+NEEDS_PROTOCOL: dict[str, str] = {}
 
 # timm's Kron draws its preconditioner probes from torch's *global* generator (``torch.randn`` without
 # ``generator=`` unless ``deterministic=True``), so a run must carry that generator's state with it.
@@ -156,7 +158,7 @@ def _timm_entry(name: str, *, lookahead: bool) -> OptimizerEntry:
     by_device = implementations_by_device(cls)
     if info.second_order:
         needs += ("hessian",)
-        reason = reason or NEEDS_PROTOCOL["hessian"]
+        reason = reason or NEEDS_PROTOCOL.get("hessian")
     description = info.description or doc_line
     if lookahead:
         hyperparameters += ("lookahead_alpha", "lookahead_k")

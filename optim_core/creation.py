@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import hessian
 from .errors import EngineError, SnapshotError, SpecError, StepFailed
 from .params import show_options
 from .spec import RunSpec
@@ -88,11 +89,33 @@ def _trial(cls: type[RunState], state: RunState) -> None:
     }
     try:
         # a loss and a metric, for schedulers that decide on one
-        mini.apply(grads, 0, loss=1.0, donate=True)
+        mini.trial_step(grads, loss=1.0)  # the way this optimizer steps: its closure, Hessian estimates, sparse
         mini.step_epoch(metric=1.0)
         mini.groups()
         mini.export()
-    except StepFailed as exc:
+    except EngineError:
+        raise
+    except Exception as exc:  # StepFailed, or the library refusing an option while a protocol reads it (n_samples)
+        what = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
         raise SpecError(
-            f"the run {_shown(spec)} fails at its first step (tried on a miniature of the run before creating it): {exc}"
+            f"the run {_shown(spec)} fails at its first step (tried on a miniature of the run before creating it): {what}"
         ) from None
+
+
+def trial_step(state: RunState, grads: Mapping[str, torch.Tensor] | None = None, *, loss: float | None = None) -> None:
+    """One step of ``state`` with ``grads`` (zeros by default), the way its optimizer steps: through its closure
+    protocol (every evaluation given the same loss and gradients), with Hessian estimates of zero, with sparse
+    gradients where it takes only those."""
+    given = dict(grads) if grads is not None else {n: torch.zeros_like(p) for n, p in state.params().items()}
+    if "sparse_grad" in state.entry.needs:
+        given = {n: g.to_sparse(1) for n, g in given.items()}
+    if "closure" in state.entry.needs:
+        step = state.begin_closure_step(state.t)
+        while step.waiting_for is not None:
+            step.provide(step.waiting_for, 0.0 if loss is None else loss, given)
+        return
+    if "hessian" in state.entry.needs:
+        request = state.hessian_request()
+        state.apply(given, state.t, loss=loss, hessians={n: hessian.zeros_for(state, n) for n in request.params})
+        return
+    state.apply(given, state.t, loss=loss)

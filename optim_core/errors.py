@@ -41,6 +41,24 @@ class StepMismatch(EngineError):
         self.current_t = current_t
 
 
+class ProtocolRequired(EngineError):
+    """A step sent the way an optimizer cannot take it: LBFGS steps by closure evaluations
+    (``optim_core.closure``), Adahessian needs Hessian estimates beside the gradients (``optim_core.hessian``)."""
+
+
+class StepInProgress(EngineError):
+    """A closure step is under way: the state cannot be stepped otherwise, snapshotted or digested until it ends."""
+
+
+class EvaluationMismatch(EngineError):
+    """A closure evaluation other than the one the step waits for (``expected_k``; None once the step has ended)."""
+
+    def __init__(self, message: str, *, t: int, expected_k: int | None) -> None:
+        super().__init__(message)
+        self.t = t
+        self.expected_k = expected_k
+
+
 class SnapshotError(EngineError):
     """A snapshot that cannot be loaded into this process (corrupt, other torch, other device)."""
 

@@ -62,7 +62,7 @@ def load_export(state: RunState, data: Mapping[str, Any]) -> RunState:
         _load_into(new, data)
         # what loads may still not run (an lr that is a string, moments of the wrong shape): try a step on a copy
         trial = type(state).from_bytes(new.to_bytes(), device=state.device)
-        trial.apply({n: torch.zeros_like(p) for n, p in trial.params().items()}, trial.t)
+        trial.trial_step()  # zero gradients, the way this optimizer steps (closure, Hessian, sparse)
         new.groups()
     except SnapshotError:
         raise

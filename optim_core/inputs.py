@@ -10,6 +10,7 @@ import torch
 
 from optim_format import dtypes, framing
 
+from . import sparse
 from .errors import GradientError, SpecError
 from .export import describe_tensor
 from .spec import RunSpec, is_finite_number
@@ -52,7 +53,8 @@ def check_gradients(
 ) -> dict[str, torch.Tensor]:
     """Validate a gradient payload; return it on the run's device in each parameter's dtype.
 
-    A missing name means "no gradient" (``p.grad is None``), as in torch. Lower-precision float
+    A missing name means "no gradient" (``p.grad is None``), as in torch. A sparse COO gradient stays sparse.
+    Lower-precision float
     gradients (bf16/fp16 on the wire) are applied in the parameter's dtype. Each gradient is copied (the
     optimizer may change ``.grad`` in place), except with ``donate``: the caller gives its tensors to the
     step and will not read them again, so one already on the device, in the parameter's dtype, contiguous
@@ -72,8 +74,8 @@ def check_gradients(
         p = params[name]
         if not isinstance(g, torch.Tensor):
             raise GradientError(f"gradient {name!r} is a {type(g).__name__}, not a tensor")
-        if g.layout != torch.strided:
-            raise GradientError(f"gradient {name!r} is {g.layout}; {entry_name!r} takes dense gradients")
+        if g.layout not in (torch.strided, torch.sparse_coo):
+            raise GradientError(f"gradient {name!r} is {g.layout}; gradients are dense (strided) or sparse COO")
         if not g.is_floating_point():
             raise GradientError(f"gradient {name!r} has dtype {dtypes.name_of(g.dtype)}; gradients must be floating point")
         if tuple(g.shape) != tuple(p.shape):
@@ -83,20 +85,23 @@ def check_gradients(
                 f"gradient {name!r} has dtype {dtypes.name_of(g.dtype)}, the parameter {dtypes.name_of(p.dtype)}; "
                 "a gradient must have the parameter's dtype or a narrower float (float16, bfloat16)"
             )
-        if donate and g.device == device and g.dtype == p.dtype and g.is_contiguous() and g.data_ptr() % framing.ALIGN == 0:
+        if g.layout == torch.sparse_coo:  # its indices checked; always copied (optim_core.sparse)
+            out[name] = sparse.checked(name, g, p.dtype, device)
+        elif donate and g.device == device and g.dtype == p.dtype and g.is_contiguous() and g.data_ptr() % framing.ALIGN == 0:
             out[name] = g.detach()
         else:  # a fresh copy: the optimizer may change .grad in place, and must not change the caller's tensors
             out[name] = g.detach().to(device=device, dtype=p.dtype, copy=True)
     return out
 
 
-def nonfinite(grads: Mapping[str, torch.Tensor]) -> list[str]:
-    """The names of the gradients holding NaN or Inf. A tensor's 2-norm is finite when all of it is
+def nonfinite(grads: Mapping[str, torch.Tensor], suffix: str = "") -> list[str]:
+    """The names (+ ``suffix``) of the gradients holding NaN or Inf. A tensor's 2-norm is finite when all of it is
     (NaN and Inf carry through the sum of squares), and costs one vectorized pass, where
     ``isfinite(g).all()`` costs ~10x more on CPU; only a non-finite norm (which a very large but finite
-    gradient can give, by overflow) is checked element by element."""
+    gradient can give, by overflow) is checked element by element. A sparse gradient is checked by its values."""
     if not grads:
         return []
     names = list(grads)
-    finite = torch.isfinite(torch.stack([torch.linalg.vector_norm(grads[n]).float() for n in names])).tolist()
-    return sorted(n for n, ok in zip(names, finite, strict=True) if not ok and not bool(torch.isfinite(grads[n]).all()))
+    dense = {n: sparse.nonfinite_view(grads[n]) for n in names}
+    finite = torch.isfinite(torch.stack([torch.linalg.vector_norm(dense[n]).float() for n in names])).tolist()
+    return sorted(n + suffix for n, ok in zip(names, finite, strict=True) if not ok and not bool(torch.isfinite(dense[n]).all()))

@@ -10,26 +10,29 @@ the same gradients is bitwise the uninterrupted one (same torch version, same de
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from optim_format import FormatError, snapshot, tree
+from optim_format import FormatError, snapshot
+from optim_format.hessian import HessianRequest
 
-from . import creation, describe, export, inputs
+from . import creation, describe, export, hessian, inputs, persist, sparse
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
 from .devices import pick_device
 from .errors import (
+    GradientError,
     NonFiniteGradient,
+    ProtocolRequired,
     SnapshotError,
     SpecError,
     StepFailed,
+    StepInProgress,
     StepMismatch,
 )
 from .export import MAX_T
@@ -37,8 +40,9 @@ from .params import ParamModule, build_optimizer
 from .schedulers import Schedule
 from .spec import RunSpec
 
-FORMAT = "optim-run/1"
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+if TYPE_CHECKING:
+    from .closure import ClosureStep
+
 # torch's global generator is process-wide: runs whose optimizer draws from it take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
 __all__ = ["MAX_T", "Captured", "RunState", "StepResult", "pick_device"]
@@ -75,11 +79,11 @@ class RunState:
             classifier=groups.classifier,
         )
         self._params = self.module.by_name()
-        self._rng: dict[str, torch.Tensor] | None = None
+        self.rng: dict[str, torch.Tensor] | None = None  # the global generator's state, for optimizers that draw from it
         if self.entry.uses_global_rng:
-            self._rng = {"cpu": torch.Generator().manual_seed(self.spec.seed).get_state()}
+            self.rng = {"cpu": torch.Generator().manual_seed(self.spec.seed).get_state()}
             if self.device.type == "cuda":
-                self._rng["cuda"] = torch.Generator(self.device).manual_seed(self.spec.seed).get_state()
+                self.rng["cuda"] = torch.Generator(self.device).manual_seed(self.spec.seed).get_state()
         self.optimizer = build_optimizer(self.entry, self.module, self.spec.optimizer, groups, device_type=self.device.type)
         self.names_in_optimizer_order = self._optimizer_order()
         # schedulers and SWALR scale every group's LR: one without (timm's Adafactor, lr=None) cannot be scheduled
@@ -94,6 +98,8 @@ class RunState:
         self.epoch = 0
         self.skipped_steps = 0
         self._broken: str | None = None
+        self._busy: str | None = None  # a closure step under way (optim_core.closure)
+        self._names_by_id: dict[int, str] | None = None
 
     @classmethod
     def create(
@@ -118,6 +124,10 @@ class RunState:
     def _check_usable(self) -> None:
         if self._broken is not None:
             raise StepFailed(f"this run state failed earlier and must be reloaded from a snapshot: {self._broken}")
+        if self._busy is not None:
+            raise StepInProgress(
+                f"{self._busy} is under way: the state can be stepped, snapshotted or digested only between steps"
+            )
 
     def _schedule_steps_now(self, *, epoch: bool) -> bool:
         """Whether the LR scheduler steps at the end of this step (or epoch), SWA's SWALR not having taken over."""
@@ -140,19 +150,38 @@ class RunState:
         ``"relative step size (timm Adafactor, lr=None): computed per parameter at every step"``."""
         return describe.lr_notes(self.optimizer.param_groups, self.entry.class_path)
 
-    def apply(self, grads: Mapping[str, torch.Tensor], t: int, loss: float | None = None, *, donate: bool = False) -> StepResult:
+    def apply(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        t: int,
+        loss: float | None = None,
+        *,
+        donate: bool = False,
+        hessians: Mapping[str, torch.Tensor] | None = None,
+    ) -> StepResult:
         """Apply the gradients computed at step ``t`` (which must be the current step count). ``donate``: the
-        caller will not read ``grads`` again, and those that need no conversion are not copied (``check_gradients``)."""
+        caller will not read ``grads`` again, and those that need no conversion are not copied (``check_gradients``).
+        ``hessians``: for Adahessian, the Hessian-diagonal estimates that ``hessian_request()`` asked for
+        (``optim_core.hessian``); closure optimizers (LBFGS) step through ``begin_closure_step`` instead."""
         self._check_usable()
+        if "closure" in self.entry.needs:
+            raise ProtocolRequired(
+                f"{self.entry.name} steps by closure evaluations, not by one gradient: use begin_closure_step(t) "
+                "(optim_core.closure.ClosureStep), then provide(k, loss, gradients) for each evaluation it asks for"
+            )
         if isinstance(t, bool) or not isinstance(t, int) or t != self.t:
             raise StepMismatch(f"gradient is for step t={t!r}, the run is at t={self.t}", current_t=self.t)
         inputs.check_finite("loss", loss)
         prepared = self.check_gradients(grads, donate=donate)
+        feed = hessian.prepare(self, prepared, hessians)
+        refused = sparse.refusal(self.optimizer, self._name_of_param(), prepared)
+        if refused is not None:
+            raise GradientError(f"{self.entry.name!r} cannot take this step: {refused}")
         steps_schedule = self._schedule_steps_now(epoch=False)
         if steps_schedule:
             assert self.schedule is not None
             self.schedule.check(epoch=False, metric=loss)
-        nonfinite = inputs.nonfinite(prepared)
+        nonfinite = inputs.nonfinite(prepared) + (inputs.nonfinite(feed.estimates, "#hessian") if feed is not None else [])
         if nonfinite and self.spec.nonfinite == "error":
             raise NonFiniteGradient(
                 f"gradient(s) {nonfinite[:10]} contain NaN or Inf; the step was not applied "
@@ -164,16 +193,9 @@ class RunState:
             if nonfinite:
                 self.skipped_steps += 1
             else:
-                with self._rng_scope():
+                with self._rng_scope(), hessian.fed(self.optimizer, feed):
                     self.optimizer.step()
-            self.t += 1
-            if steps_schedule:
-                assert self.schedule is not None
-                self.schedule.after_step(self.t, loss)
-            if self.swa is not None and self.swa.spec.interval == "step" and self.swa.active(self.t):
-                self.swa.after(self.module, self.t)
-            if self.ema is not None:
-                self.ema.update(self.module, self.t)
+            self._after_step(loss, steps_schedule=steps_schedule)
         except Exception as exc:
             self._broken = f"step t={t} raised {type(exc).__name__}: {exc}"
             raise StepFailed(f"{self.entry.name!r} failed in step t={t}: {type(exc).__name__}: {exc}") from exc
@@ -181,6 +203,27 @@ class RunState:
             for p in self._params.values():
                 p.grad = None
         return StepResult(t=self.t, lrs=self.lrs, skipped=bool(nonfinite))
+
+    def _after_step(self, loss: float | None, *, steps_schedule: bool) -> None:
+        """What follows an optimizer step in the user's loop: the count, the per-step scheduler, SWA, EMA."""
+        self.t += 1
+        if steps_schedule:
+            assert self.schedule is not None
+            self.schedule.after_step(self.t, loss)
+        if self.swa is not None and self.swa.spec.interval == "step" and self.swa.active(self.t):
+            self.swa.after(self.module, self.t)
+        if self.ema is not None:
+            self.ema.update(self.module, self.t)
+
+    def begin_closure_step(self, t: int) -> ClosureStep:
+        """Start step ``t`` of a closure optimizer (LBFGS): see ``optim_core.closure.ClosureStep``."""
+        from .closure import ClosureStep  # closure builds on this module
+
+        return ClosureStep.begin(self, t)
+
+    def hessian_request(self) -> HessianRequest:
+        """What the worker must estimate for the next step of an Adahessian run: see ``optim_core.hessian``."""
+        return hessian.request(self)
 
     def step_epoch(self, metric: float | None = None) -> StepResult:
         """The end of an epoch: epoch-interval schedulers (with the metric for plateau ones) and SWA."""
@@ -204,18 +247,18 @@ class RunState:
 
     @contextmanager
     def _rng_scope(self) -> Iterator[None]:
-        if self._rng is None:
+        if self.rng is None:
             yield
             return
         cuda = self.device.type == "cuda"
         with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[self.device] if cuda else []):
-            torch.set_rng_state(self._rng["cpu"])
+            torch.set_rng_state(self.rng["cpu"])
             if cuda:
-                torch.cuda.set_rng_state(self._rng["cuda"], self.device)
+                torch.cuda.set_rng_state(self.rng["cuda"], self.device)
             yield
-            self._rng = {"cpu": torch.get_rng_state()}
+            self.rng = {"cpu": torch.get_rng_state()}
             if cuda:
-                self._rng["cuda"] = torch.cuda.get_rng_state(self.device)
+                self.rng["cuda"] = torch.cuda.get_rng_state(self.device)
 
     # ------------------------------------------------------------------ views
     def params(self) -> dict[str, torch.Tensor]:
@@ -226,59 +269,24 @@ class RunState:
         return {n: t.detach() for n, t in avg.tensors().items()} if avg is not None else None
 
     # ------------------------------------------------------------------ state
+    def _name_of_param(self) -> dict[int, str]:
+        """Parameter names by ``id`` of the parameter (the protocols find parameters through the optimizer)."""
+        if self._names_by_id is None:
+            self._names_by_id = {id(p): n for n, p in self._params.items()}
+        return self._names_by_id
+
     def _optimizer_order(self) -> list[str]:
         name_of = {id(p): n for n, p in self._params.items()}
         return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     def optimizer_state_by_name(self) -> dict[str, Any]:
         """The optimizer's ``state_dict`` with parameter names instead of positions."""
-        sd = dict(self.optimizer.state_dict())
-        names = self.names_in_optimizer_order
-        sd["state"] = {names[i]: v for i, v in sd["state"].items()}
-        sd["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
-        return sd
-
-    def _load_optimizer_state(self, named: Mapping[str, Any]) -> None:
-        order = self.names_in_optimizer_order
-        index = {n: i for i, n in enumerate(order)}
-        groups = named["param_groups"]
-        mine = [[self.names_in_optimizer_order[i] for i in g["params"]] for g in self.optimizer.state_dict()["param_groups"]]
-        theirs = [list(g["params"]) for g in groups]
-        if mine != theirs:
-            raise SnapshotError("the snapshot's parameter groups differ from the ones this spec builds")
-        unknown = sorted(set(named["state"]) - set(index))
-        if unknown:
-            raise SnapshotError(f"optimizer state for unknown parameter(s) {unknown[:10]}")
-        sd = dict(named)
-        sd["state"] = {index[n]: v for n, v in named["state"].items()}
-        sd["param_groups"] = [{**g, "params": [index[n] for n in g["params"]]} for g in groups]
-        self.optimizer.load_state_dict(sd)
-
-    def _tree(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "torch": torch.__version__,
-            "device": self.device.type,
-            "spec": self.spec.to_dict(),
-            "t": self.t,
-            "epoch": self.epoch,
-            "skipped_steps": self.skipped_steps,
-            "params": self.params(),
-            "optimizer": self.optimizer_state_by_name(),
-            "scheduler": self.schedule.state_dict() if self.schedule else None,
-            "ema": self.ema.state_dict() if self.ema else None,
-            "swa": self.swa.state_dict() if self.swa else None,
-            "rng": self._rng,
-        }
+        return persist.optimizer_state_by_name(self)
 
     def _encoded(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The state as a snapshot's JSON part and named tensors (``optim_core.persist``)."""
         self._check_usable()
-        tensors: dict[str, torch.Tensor] = {}
-        try:
-            meta = tree.encode_tree(self._tree(), "", tensors)
-        except FormatError as exc:  # a state_dict holding what the format cannot carry
-            raise SnapshotError(f"the state cannot be stored: {exc}") from None
-        return meta, tensors
+        return persist.encoded(self)
 
     def to_bytes(self) -> bytes:
         return snapshot.pack(*self._encoded())
@@ -300,43 +308,29 @@ class RunState:
         return Captured(t=self.t, epoch=self.epoch, meta=meta, tensors=copies)
 
     def checksum(self) -> str:
-        """A cheap fingerprint of the parameters: per tensor, the integer sum of its bit patterns.
-
-        Integer sums do not depend on the order of the reduction (threads, kernels), so equal
-        parameters always give equal checksums; computing it costs one read of the parameters.
-        """
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{self.t}:{self.epoch}".encode())
-        for name, p in self._params.items():
-            flat = p.detach().reshape(-1)
-            as_int = flat.view(_INT_OF_SIZE[flat.element_size()])
-            h.update(f"|{name}:{int(as_int.sum(dtype=torch.int64))}".encode())
-        return h.hexdigest()
+        """A cheap fingerprint of the parameters, checked at every replayed step (``persist.checksum``)."""
+        return persist.checksum(self)
 
     def nbytes(self) -> int:
-        """The bytes of every tensor the state holds: parameters, optimizer state, averages (what it costs to keep
-        the run in memory; a few microseconds per hundred tensors)."""
-        seen: set[int] = set()
-        total = 0
-        tensors = [*self._params.values(), *(v for s in self.optimizer.state.values() for v in s.values())]
-        for avg in (self.ema, self.swa):
-            if avg is not None:
-                tensors += avg.tensors().values()
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
+        """The bytes of every tensor the state holds: parameters, optimizer state, averages (``persist.nbytes``)."""
+        return persist.nbytes(self)
 
     def export(self) -> dict[str, Any]:
         """A checkpoint for plain torch/timm: ``model``, ``optimizer`` (with ``param_names``), ``lr_scheduler``,
         ``ema`` / ``swa``, ``step``; only tensors and containers, so ``torch.load(weights_only=True)`` reads it."""
+        self._check_usable()
         return export.export(self)
 
     def load_export(self, data: Mapping[str, Any]) -> RunState:
         """A new RunState: this one with the parts of an ``export()``-shaped dict loaded into it (``optim_core.export``);
         this state is left untouched; what does not fit raises ``SnapshotError`` naming it."""
         return export.load_export(self, data)
+
+    def trial_step(self, grads: Mapping[str, torch.Tensor] | None = None, *, loss: float | None = None) -> None:
+        """One step with ``grads`` (zeros by default), the way this optimizer steps (``optim_core.creation``):
+        through its closure protocol, with Hessian estimates of zero, with sparse gradients where it takes only
+        those. For trials on copies (creation, loading a state)."""
+        creation.trial_step(self, grads, loss=loss)
 
     def groups(self) -> list[dict[str, Any]]:
         """The optimizer's param groups by name, with every option they hold, as JSON (``betas`` as a list)."""
@@ -390,34 +384,7 @@ class RunState:
         parameters are the given tensors, not copies of them: for tensors nothing else holds, in memory torch
         allocated (``snapshot.read``'s; safetensors' own are views of a Python buffer, less aligned, and some
         kernels' results depend on alignment)."""
-        try:
-            saved = tree.decode_tree(meta, tensors)
-        except FormatError as exc:
-            raise SnapshotError(str(exc)) from None
-        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-            raise SnapshotError(f"not a run snapshot of format {FORMAT!r}")
-        target = pick_device(device)
-        if saved["torch"] != torch.__version__:
-            raise SnapshotError(
-                f"snapshot was written by torch {saved['torch']}, this process runs {torch.__version__}: "
-                "resuming would not be bitwise exact"
-            )
-        if saved["device"] != target.type:
-            raise SnapshotError(
-                f"snapshot was written on {saved['device']}, this process steps on {target.type}: "
-                "resuming would not be bitwise exact"
-            )
-        state = cls(RunSpec.from_dict(saved["spec"]), saved["params"], device=target, adopt=adopt)
-        state._load_optimizer_state(saved["optimizer"])
-        if state.schedule is not None:
-            state.schedule.load_state_dict(saved["scheduler"])
-        if state.swa is not None:
-            state.swa.load_state_dict(saved["swa"])
-        if state.ema is not None:
-            state.ema.load_state_dict(saved["ema"])
-        state.t, state.epoch, state.skipped_steps = saved["t"], saved["epoch"], saved["skipped_steps"]
-        state._rng = saved["rng"]
-        return state
+        return persist.load(cls, meta, tensors, device=device, adopt=adopt)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import json
 import math
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -158,3 +158,85 @@ def views(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tenso
         else:
             out[name] = torch.frombuffer(view, dtype=dtype, count=math.prod(shape), offset=start + begin).view(shape)
     return out, metadata
+
+
+# ---------------------------------------------------------------------- parts of a parameter's entry
+# A step's body may carry, besides dense gradients under the parameter's own name, entries named
+# ``{name}#{part}`` (parameter names cannot hold '#': ``optim_core.spec.NAME_RE``):
+# - a sparse COO gradient as ``{name}#indices`` (int64, [sparse_dim, nnz]) and ``{name}#values``
+#   ([nnz, *shape[sparse_dim:]]): bytes in proportion to the rows touched, not to the parameter;
+# - a Hessian-diagonal estimate (timm's Adahessian) as ``{name}#hessian``, shaped like the parameter.
+SEPARATOR = "#"
+INDICES, VALUES, HESSIAN = "indices", "values", "hessian"
+PARTS = (INDICES, VALUES, HESSIAN)
+
+
+def flatten(tensors: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The entries of a body holding ``tensors`` (dense or sparse COO) and ``hessians``: dense tensors are the
+    given objects themselves (``parts`` then sends their memory without a copy); a sparse tensor becomes its
+    ``#indices`` and ``#values`` as torch holds them (neither coalesced nor copied: duplicates and their order
+    reach the optimizer as they left ``backward``); each Hessian estimate is ``{name}#hessian``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if t.layout == torch.sparse_coo:
+            out[f"{name}{SEPARATOR}{INDICES}"] = t._indices()
+            out[f"{name}{SEPARATOR}{VALUES}"] = t._values()
+        elif t.layout == torch.strided:
+            out[name] = t
+        else:
+            raise TypeError(f"tensor {name!r} has layout {t.layout}; the wire carries strided and sparse_coo tensors")
+    for name, h in (hessians or {}).items():
+        out[f"{name}{SEPARATOR}{HESSIAN}"] = h
+    return out
+
+
+def unflatten(
+    entries: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(tensors, hessians) of a body's entries (``flatten``'s inverse): each ``#indices``/``#values`` pair becomes
+    a sparse COO tensor of the parameter's shape in ``shapes``, sharing memory with the entries and marked
+    uncoalesced, as ``backward`` leaves an embedding's gradient. Checked here: the parts' names, that a pair is
+    complete, the indices' dtype and rank, and that the values fit the indices and the shape; the index values
+    themselves are the engine's to check (``optim_core.sparse``). Anything else is a ``FormatError``."""
+    tensors: dict[str, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor] = {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in entries.items():
+        name, sep, part = key.partition(SEPARATOR)
+        if not sep:
+            tensors[key] = t
+        elif part == HESSIAN:
+            hessians[name] = t
+        elif part in (INDICES, VALUES):
+            pairs.setdefault(name, {})[part] = t
+        else:
+            raise FormatError(f"entry {key!r}: unknown part {part!r}; parts are {list(PARTS)}")
+    for name, pair in pairs.items():
+        if name in tensors:
+            raise FormatError(f"parameter {name!r} has both a dense entry and sparse parts")
+        tensors[name] = _sparse(name, pair, shapes)
+    return tensors, hessians
+
+
+def _sparse(name: str, pair: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> torch.Tensor:
+    missing = [f"{name}{SEPARATOR}{p}" for p in (INDICES, VALUES) if p not in pair]
+    if missing:
+        raise FormatError(f"sparse gradient {name!r} lacks {missing}: a sparse tensor is sent as #indices and #values")
+    if name not in shapes:
+        raise FormatError(f"sparse gradient {name!r}: no parameter of that name (its shape is needed to read it)")
+    shape = [int(s) for s in shapes[name]]
+    indices, values = pair[INDICES], pair[VALUES]
+    if indices.dtype != torch.int64 or indices.dim() != 2 or not 1 <= indices.shape[0] <= len(shape):
+        raise FormatError(
+            f"{name}{SEPARATOR}{INDICES} is {str(indices.dtype).removeprefix('torch.')} {list(indices.shape)}; "
+            f"it must be int64 [sparse_dim, nnz] with 1 <= sparse_dim <= {len(shape)} (the parameter is {shape})"
+        )
+    sparse_dim, nnz = indices.shape
+    expected = [nnz, *shape[sparse_dim:]]
+    if list(values.shape) != expected:
+        raise FormatError(
+            f"{name}{SEPARATOR}{VALUES} has shape {list(values.shape)}; with {nnz} indices of {sparse_dim} dim(s) into "
+            f"{shape} it must be {expected}"
+        )
+    # the engine checks the indices against the shape before anything uses them
+    return torch.sparse_coo_tensor(indices, values, shape, is_coalesced=False, check_invariants=False)

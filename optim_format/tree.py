@@ -3,7 +3,8 @@
 Optimizer and scheduler ``state_dict``s are trees of dicts, lists, tuples, numbers, strings and tensors.
 ``encode_tree`` turns one into plain JSON in which every tensor is replaced by a reference to a named
 tensor, so a snapshot is a safetensors file (the tensors) whose metadata holds the JSON (everything
-else). Nothing is pickled; ``decode_tree`` accepts only the types it wrote.
+else); a sparse COO tensor is stored as its indices and values. Nothing is pickled; ``decode_tree`` accepts
+only the types it wrote.
 
 Dicts are written as sorted ``[key, value]`` pairs so that the same state always gives the same
 bytes: the digest of a resumed run must equal that of an uninterrupted one.
@@ -31,7 +32,20 @@ def encode_tree(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, torch.Tensor) and obj.layout == torch.sparse_coo:
+        # a sparse state tensor (SGD's momentum buffer after sparse gradients) as its two dense parts, exactly as
+        # torch holds them: the same indices in the same order, coalesced or not
+        return {
+            "__sparse_coo__": {
+                "shape": list(obj.shape),
+                "coalesced": obj.is_coalesced(),
+                "indices": encode_tree(obj._indices(), f"{path}#indices", tensors),
+                "values": encode_tree(obj._values(), f"{path}#values", tensors),
+            }
+        }
     if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided:
+            raise FormatError(f"cannot store a tensor of layout {obj.layout} at {path!r}")
         if path in tensors:
             raise FormatError(f"two tensors would be stored under {path!r}")
         tensors[path] = obj.detach()
@@ -68,6 +82,8 @@ def decode_tree(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
                 return tensors[value]
             except KeyError:
                 raise FormatError(f"snapshot refers to a missing tensor {value!r}") from None
+        if tag == "__sparse_coo__":
+            return _sparse(value, tensors)
         if tag == "__float__":
             return float(value)
         if tag == "__dtype__":
@@ -79,3 +95,13 @@ def decode_tree(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         if tag == "__dict__":
             return {k: decode_tree(v, tensors) for k, v in value}
     raise FormatError(f"unexpected value in snapshot: {str(obj)[:80]}")
+
+
+def _sparse(value: Any, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    try:
+        shape, coalesced = [int(s) for s in value["shape"]], bool(value["coalesced"])
+        indices, values = decode_tree(value["indices"], tensors), decode_tree(value["values"], tensors)
+        # checked: a snapshot's indices are used as memory offsets
+        return torch.sparse_coo_tensor(indices, values, shape, is_coalesced=coalesced, check_invariants=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise FormatError(f"snapshot holds an invalid sparse tensor: {str(exc)[:200]}") from None

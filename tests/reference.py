@@ -66,6 +66,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits; sparse COO tensors: the same indices and values in the same order, coalesced alike."""
+    if a.layout == torch.sparse_coo or b.layout == torch.sparse_coo:
+        return (
+            a.layout == b.layout
+            and a.shape == b.shape
+            and a.is_coalesced() == b.is_coalesced()
+            and bitwise_equal(a._indices(), b._indices())
+            and bitwise_equal(a._values(), b._values())
+        )
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 

@@ -11,8 +11,8 @@ import timm.optim
 import torch
 
 from optim_client.remote import _as_torch
-from optim_core import RunState, SpecError, Unavailable, get_optimizer, list_optimizers
-from optim_core.catalogue import LOOKAHEAD_PREFIX, TORCH_PREFIX
+from optim_core import EngineError, RunState, SpecError, Unavailable, get_optimizer, list_optimizers
+from optim_core.catalogue import LOOKAHEAD_PREFIX, PROTOCOLS, TORCH_PREFIX
 from optim_format import framing
 
 from ..reference import (
@@ -25,9 +25,14 @@ from ..reference import (
     manifest,
     set_grads,
 )
+from . import test_closure, test_hessian, test_sparse
 
 ENTRIES = list_optimizers()
-AVAILABLE = [e.name for e in ENTRIES if e.available]
+# entries that step by a protocol of their own (closure, Hessian estimates, sparse gradients only) are proven
+# bitwise in that protocol's module, which lists them in COVERS; every other available entry is proven here
+PROTOCOL_TESTS = {"closure": test_closure, "hessian": test_hessian, "sparse_grad": test_sparse}
+PROTOCOL_ENTRIES = {e.name for e in ENTRIES if e.available and set(e.needs) & set(PROTOCOLS)}
+AVAILABLE = [e.name for e in ENTRIES if e.available and e.name not in PROTOCOL_ENTRIES]
 UNAVAILABLE = [e.name for e in ENTRIES if not e.available]
 LR, WD, STEPS, SEED = 0.01, 0.05, 4, 7
 
@@ -59,8 +64,32 @@ def test_every_entry_describes_itself_as_json() -> None:
 def test_protocol_entries_say_what_they_need() -> None:
     assert "closure" in get_optimizer("torch.LBFGS").needs
     assert "hessian" in get_optimizer("adahessian").needs
+    assert "hessian" in get_optimizer("lookahead_adahessian").needs
     assert "sparse_grad" in get_optimizer("torch.SparseAdam").needs
     assert get_optimizer("adamw").implementations == ("default", "foreach", "fused")
+
+
+def test_every_protocol_entry_is_available_and_proven_by_its_protocol_s_tests() -> None:
+    for need, module in PROTOCOL_TESTS.items():
+        entries = {e.name for e in ENTRIES if need in e.needs}
+        assert entries and all(get_optimizer(n).available for n in entries), need
+        assert set(module.COVERS) == entries, (
+            f"{module.__name__} proves {module.COVERS}, the catalogue needs {need} for {entries}"
+        )
+    assert PROTOCOL_ENTRIES == {n for m in PROTOCOL_TESTS.values() for n in m.COVERS}
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL_ENTRIES))
+def test_a_protocol_entry_stepped_by_plain_gradients_names_its_protocol(name: str) -> None:
+    entry = get_optimizer(name)
+    model = make_model()
+    run = RunState({"params": manifest(model), "optimizer": {"name": name}}, initial_params(model))
+    before = run.digest()
+    with pytest.raises(EngineError) as info:
+        run.apply(make_grads(model, 1)[0], 0)
+    words = {"closure": "begin_closure_step", "hessian": "hessian_request", "sparse_grad": "sparse"}
+    assert all(words[n] in str(info.value) for n in entry.needs if n in words), str(info.value)
+    assert run.digest() == before
 
 
 def _weight_decay(name: str) -> float | None:
