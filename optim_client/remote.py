@@ -29,6 +29,7 @@ from safetensors.torch import load as st_load
 
 from optim_format import dtypes, framing
 
+from . import protocols
 from .transport import OptimServiceError, Transport, default_url, read_exactly
 
 log = logging.getLogger("optim_client")
@@ -79,8 +80,13 @@ def _named(params: Iterable[Any]) -> tuple[list[tuple[str, torch.Tensor]], list[
     return [(str(i), p) for i, p in enumerate(items)], None
 
 
-def gradient_body(params: Mapping[str, torch.Tensor], wire_dtype: torch.dtype | None = None) -> list[memoryview]:
-    """A step's body: each parameter's ``.grad`` (none for those without), in ``wire_dtype`` if given.
+def gradient_body(
+    params: Mapping[str, torch.Tensor],
+    wire_dtype: torch.dtype | None = None,
+    hessians: Mapping[str, torch.Tensor] | None = None,
+) -> list[memoryview]:
+    """A step's body: each parameter's ``.grad`` (none for those without), in ``wire_dtype`` if given, and the
+    Hessian estimates of an Adahessian step (``{name}#hessian``).
 
     The header, then each gradient's own memory (sent without a copy), those of whole multiples of 64 bytes
     first: the service can then step on them where they land in its buffer instead of copying them. A sparse
@@ -93,7 +99,7 @@ def gradient_body(params: Mapping[str, torch.Tensor], wire_dtype: torch.dtype | 
             if wire_dtype is not None:
                 g = g.to(wire_dtype)
             grads[name] = g
-    return framing.parts(framing.aligned_first(framing.flatten(grads)))
+    return framing.parts(framing.aligned_first(framing.flatten(grads, hessians)))
 
 
 class RemoteScheduler:
@@ -176,11 +182,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
             {},
         )
         self.t: int = info["t"]
+        # what the optimizer takes beyond one gradient per step: closure evaluations, Hessian estimates, sparse gradients
+        self.needs: list[str] = list(info.get("needs", []))
+        # where the run stands, as the service's last answer said (t, lr, the evaluation a closure step waits for,
+        # the Hessian request of the next Adahessian step)
+        self.position: dict[str, str] = {}
         # of the last step, in ms: here (encode, round_trip, write) and the service's Server-Timing
         self.last_timings: dict[str, Any] = {}
         self.scheduler = RemoteScheduler(self)
-        if self.resumed:
-            self.resync()  # even at t=0: the run's initial parameters, not this process's
+        if self.resumed or self.needs:
+            self.resync()  # even at t=0: the run's initial parameters, not this process's (and what its next step needs)
             log.info("resumed run %r at t=%d", run, self.t)
 
     # ------------------------------------------------------------------ the loop
@@ -198,15 +209,26 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 p.grad.zero_()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step: ``.grad`` of every parameter to the service, its answer into the parameters.
+
+        ``closure`` as in torch: called once first (its loss is returned and sent), except for closure optimizers
+        (``torch.LBFGS``), where the service calls for it as often as torch's step does (``protocols.closure_step``).
+        An Adahessian run sends the Hessian estimates of ``loss.backward(create_graph=True)`` beside the gradients."""
+        if "closure" in self.needs:
+            return protocols.closure_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params: dict[str, Any] = {"t": self.t}
-        if loss is not None:
-            params["loss"] = float(loss)
+        hessians = protocols.hessian_estimates(self) if "hessian" in self.needs else None
+        self._send_step({"t": self.t} if loss is None else {"t": self.t, "loss": protocols.scalar(loss)}, hessians)
+        return loss
+
+    def _send_step(self, params: dict[str, Any], hessians: Mapping[str, torch.Tensor] | None = None) -> bool:
+        """POST the gradients (query ``params``); the answer is written into the parameters. False when the service
+        refused them as stale (the run moved on: this worker resynced to it instead)."""
         start = time.perf_counter()
-        body = gradient_body(self._by_name, self.wire_dtype)
+        body = gradient_body(self._by_name, self.wire_dtype, hessians)
         sent = time.perf_counter()
         if self._partial:
             log.warning(
@@ -215,18 +237,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self.t,
             )
             self.resync()
-            return loss
+            return False
         r = self._http.request(
             "POST", f"/runs/{self.run}/step", body=body, params=params, passthrough=(409,), sink=self._receive_params
         )
         answered = time.perf_counter()
         if r.status_code == 409:
-            body = r.json()
-            if "current_t" not in body or body.get("reason") == "other_gradient":
-                raise OptimServiceError(409, body.get("error", "Conflict"), body.get("detail", ""), body)
-            log.warning("step t=%d refused (%s); resyncing to the run at t=%d", self.t, body["detail"], body["current_t"])
+            info = r.json()
+            if "current_t" not in info or info.get("reason") == "other_gradient":
+                raise OptimServiceError(409, info.get("error", "Conflict"), info.get("detail", ""), info)
+            log.warning("step t=%d refused (%s); resyncing to the run at t=%d", self.t, info["detail"], info["current_t"])
             self.resync()
-            return loss
+            return False
         self.t = int(r.headers["Optim-T"])
         self._set_lrs(json.loads(r.headers["Optim-LR"]))
         self.last_timings = {
@@ -235,7 +257,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             "write": self._write_ms,
             "server": _server_timing(r.headers.get("Server-Timing", "")),
         }
-        return loss
+        return True
 
     def _receive_params(self, r: http.client.HTTPResponse) -> None:
         """Read a step's answer (safetensors) straight into the parameters: a CPU parameter of the answer's dtype
@@ -257,7 +279,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         header = memoryview(bytearray(header_len))
         read_exactly(r, header)
         try:
-            entries, _ = framing.parse_header(header, size - 8 - header_len)
+            entries, self.position = framing.parse_header(header, size - 8 - header_len)
         except ValueError as exc:
             raise OptimServiceError(200, "BadAnswer", f"the step's answer is not a safetensors file: {exc}") from None
         for _, _, name, _, shape in entries:
@@ -284,9 +306,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._partial = False
 
     def resync(self) -> None:
-        """Load the service's current parameters into the local ones, and its t and LRs."""
+        """Load the service's current parameters into the local ones, and its t and LRs (and, for a closure step
+        under way, the evaluation it waits for: the parameters are those to evaluate at)."""
         r = self._http.request("GET", f"/runs/{self.run}/params")
-        self._write_params(st_load(bytes(r.content)))
+        values, self.position = framing.views(bytes(r.content))
+        self._write_params(values)
         self._partial = False
         self.t = int(r.headers["Optim-T"])
         self._set_lrs(json.loads(r.headers["Optim-LR"]))

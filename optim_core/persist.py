@@ -139,14 +139,18 @@ def checksum(state: RunState) -> str:
 
 def nbytes(state: RunState) -> int:
     """The bytes of every tensor the state holds: parameters, optimizer state, averages (what it costs to keep the
-    run in memory; a few microseconds per hundred tensors)."""
+    run in memory; a few microseconds per hundred tensors). A sparse tensor (SGD's momentum of a sparse gradient)
+    counts its indices and values."""
     seen: set[tuple[int, int]] = set()  # a tensor held twice (a detached view of the same memory) counts once
     total = 0
     tensors = [*state.params().values(), *(v for s in state.optimizer.state.values() for v in s.values())]
     for kind in ("ema", "swa"):
         tensors += (state.averages(kind) or {}).values()
     for t in tensors:
-        if isinstance(t, torch.Tensor) and (t.data_ptr(), t.numel()) not in seen:
-            seen.add((t.data_ptr(), t.numel()))
-            total += t.numel() * t.element_size()
+        if not isinstance(t, torch.Tensor):
+            continue
+        for part in (t._indices(), t._values()) if t.layout == torch.sparse_coo else (t,):
+            if (part.data_ptr(), part.numel()) not in seen:
+                seen.add((part.data_ptr(), part.numel()))
+                total += part.numel() * part.element_size()
     return total

@@ -354,6 +354,10 @@ class RunSpec:
             seed=integer("spec.seed", data.get("seed", 0)),
         )
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each parameter's shape, by name."""
+        return {p.name: p.shape for p in self.params}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "params": [p.to_dict() for p in self.params],

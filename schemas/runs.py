@@ -57,6 +57,11 @@ class RunPublic(BaseModel):
     group_sizes: list[int] = Field(description="Elements in each group.")
     state_bytes: int = Field(description="Bytes of the state: parameters, optimizer state, averages.")
     live: bool = Field(description="Whether the run's state is in this server's memory now.")
+    needs: list[str] = Field(
+        default_factory=list,
+        description="What its optimizer takes beyond one gradient per step: closure (evaluations, k), hessian "
+        "(estimates beside the gradients), sparse_grad (sparse gradients only).",
+    )
     spec: dict[str, Any]
     created_at: datetime | None = None
     updated_at: datetime | None = None

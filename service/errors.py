@@ -99,4 +99,8 @@ def from_engine(exc: optim_core.EngineError) -> ServiceError:
     """Map the engine's plain errors to HTTP at the boundary."""
     if isinstance(exc, optim_core.StepMismatch):
         return StepConflict(str(exc), current_t=exc.current_t)
+    if isinstance(exc, optim_core.EvaluationMismatch):
+        return StepConflict(str(exc), current_t=exc.t, expected_k=exc.expected_k, reason="evaluation")
+    if isinstance(exc, optim_core.StepInProgress):
+        return StepConflict(str(exc), reason="step_in_progress")
     return Invalid(str(exc))

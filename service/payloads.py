@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ import xxhash
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from optim_format import framing
+from optim_format import FormatError, framing
 
 from .errors import Invalid, InvalidPayload
 
@@ -34,6 +34,18 @@ def decode(payload: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Ten
         return framing.views(payload)
     except ValueError as exc:
         raise InvalidPayload(f"the body is not a valid safetensors file: {str(exc)[:300]}") from None
+
+
+def decode_gradients(
+    payload: bytes | bytearray | memoryview, shapes: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A step's body: its gradients (dense, or sparse COO from ``#indices``/``#values``) and Hessian estimates
+    (``#hessian``), given the run's parameter shapes (``framing.unflatten``)."""
+    entries, _ = decode(payload)
+    try:
+        return framing.unflatten(entries, shapes)
+    except FormatError as exc:
+        raise InvalidPayload(f"the body's tensors do not form gradients: {str(exc)[:300]}") from None
 
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> memoryview:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import torch
@@ -25,12 +23,17 @@ router = APIRouter(tags=["steps"])
 BINARY_BODY = {"content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}
 
 
-def _position(t: int, lrs: Sequence[float | None]) -> dict[str, str]:
-    return {"Optim-T": str(t), "Optim-LR": json.dumps(lrs)}
+def _headers(position: dict[str, str]) -> dict[str, str]:
+    """The position in headers: ``Optim-T``, ``Optim-LR``, and ``Optim-Evaluate`` for a closure step under way (the
+    Hessian request of an Adahessian run is in the safetensors metadata only: it is kilobytes)."""
+    headers = {"Optim-T": position["t"], "Optim-LR": position["lr"]}
+    if "evaluate" in position:
+        headers["Optim-Evaluate"] = position["evaluate"]
+    return headers
 
 
 def _step_response(outcome: StepOutcome, returns: str, live_answers: bool) -> Response:
-    headers = _position(outcome.result.t, outcome.result.lrs)
+    headers = _headers(outcome.position)
     if outcome.replayed:
         headers["Optim-Replayed"] = "true"
     if outcome.result.skipped:
@@ -40,11 +43,12 @@ def _step_response(outcome: StepOutcome, returns: str, live_answers: bool) -> Re
     if returns == "json":
         params = {n: v.tolist() for n, v in outcome.params.items()}
         body = {"t": outcome.result.t, "lr": outcome.result.lrs, "replayed": outcome.replayed, "params": params}
+        if "evaluate" in outcome.position:
+            body["evaluate"] = int(outcome.position["evaluate"])
         return JSONResponse(body, headers=headers)
-    meta = {"t": headers["Optim-T"], "lr": headers["Optim-LR"]}  # in the safetensors metadata as in the headers
     if live_answers:  # sent from the live parameters, under the run's hold (RunRegistry.answer)
-        return LiveTensorsResponse(outcome.params, meta, headers)
-    return Response(payloads.encode(outcome.params, meta), media_type=SAFETENSORS, headers=headers)
+        return LiveTensorsResponse(outcome.params, outcome.position, headers)
+    return Response(payloads.encode(outcome.params, outcome.position), media_type=SAFETENSORS, headers=headers)
 
 
 @router.post(
@@ -62,12 +66,15 @@ async def step(
     t: Annotated[int, Query(ge=0, le=2**62, description="The step count the gradient was computed at.")],
     loss: Annotated[float | None, Query(description="The step's loss (plateau schedulers use it).")] = None,
     returns: Annotated[Literal["params", "none", "json"], Query(alias="return")] = "params",
+    k: Annotated[
+        int | None, Query(ge=0, le=2**31 - 1, description="Closure optimizers (torch.LBFGS): which evaluation of step t.")
+    ] = None,
 ) -> Response:
     clock = Clock()
     hasher = payloads.Hasher()  # the gradient's digest, computed while it arrives
     body = await read_body(request, settings.max_body_bytes, hasher)
     clock.lap("receive")
-    step_request = StepRequest(t=t, payload=body, content_type=content_kind(request), loss=loss, digest=hasher.hexdigest())
+    step_request = StepRequest(t=t, payload=body, content_type=content_kind(request), loss=loss, digest=hasher.hexdigest(), k=k)
     live_answers: bool = request.app.state.live_answers
 
     def work(live: Live) -> Response:
@@ -90,14 +97,13 @@ async def step(
 
 @router.get(
     "/runs/{run}/params",
-    summary="The current parameters (safetensors, t and lr in the metadata)",
+    summary="The current parameters (safetensors; t, lr and what the next step needs in the metadata)",
     responses={200: {"content": {SAFETENSORS: {}}}},
 )
 async def get_params(run: RunName, registry: RegistryDep, tenant: TenantDep) -> Response:
     def work(live: Live) -> Response:
-        headers = _position(live.state.t, live.state.lrs)
-        meta = {"t": headers["Optim-T"], "lr": headers["Optim-LR"]}
-        return Response(payloads.encode(live.state.params(), meta), media_type=SAFETENSORS, headers=headers)
+        position = stepping.position(live)  # a closure step under way: the parameters its next evaluation is at
+        return Response(payloads.encode(live.state.params(), position), media_type=SAFETENSORS, headers=_headers(position))
 
     # a copy, sent after the hold is released: a slow reader of the parameters must not hold up the run's steps
     return await registry.call(tenant, run, work)

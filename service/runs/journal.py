@@ -1,7 +1,9 @@
 """The step log of a run that logs its steps (durability "log", the default): every acknowledged event (a step
 with its gradient payload as received, an epoch step) is durable before its answer.
 
-An event's record is written in two parts, and the optimizer step runs beside the first:
+An event is a step (its gradient payload as received), an evaluation ``k`` of a closure step (LBFGS: each is
+logged before the step goes on with it) or an epoch step. Its record is written in two parts, and the optimizer
+step runs beside the first:
 1. ``begin``: the payload's blob, on a log writer thread, staged ahead of the row that will name it (files are
    fsync'd; database rows are committed in short transactions of their own), so no database lock is held while
    the optimizer steps;
@@ -58,7 +60,15 @@ def abort(ctx: RunContext, writer: LogWrite | None) -> None:
 
 
 def commit(
-    ctx: RunContext, live: Live, writer: LogWrite | None, *, kind: str, t: int, value: float | None, grad_digest: str | None
+    ctx: RunContext,
+    live: Live,
+    writer: LogWrite | None,
+    *,
+    kind: str,
+    t: int,
+    value: float | None,
+    grad_digest: str | None,
+    k: int | None = None,
 ) -> None:
     """Make the event just applied durable (a run that logs its steps), and count it."""
     if writer is not None:
@@ -67,6 +77,7 @@ def commit(
             "seq": live.seq + 1,
             "kind": kind,
             "t": t,
+            "k": k,
             "value": value,
             "grad_digest": grad_digest,
             "checksum": ctx.stepper.run(state.checksum),

@@ -45,6 +45,7 @@ def public(row: Run, live: Live | None) -> RunPublic:
         epoch=epoch,
         lr=lrs,
         lr_notes=lr_notes(row.spec, groups),
+        needs=needs(row.spec),
         durability=row.durability,
         snapshot_every=row.snapshot_every,
         last_snapshot_t=row.last_snapshot_t if live is None else live.last_snapshot_t,
@@ -61,13 +62,25 @@ def public(row: Run, live: Live | None) -> RunPublic:
     )
 
 
-def lr_notes(spec: dict[str, Any], groups: list[dict[str, Any]]) -> list[str | None]:
-    """Why a group's LR is null (timm's relative-step Adafactor), from the stored spec and groups alone."""
+def _entry(spec: dict[str, Any]) -> optim_core.OptimizerEntry | None:
+    """The catalogue entry of a stored spec (None for a name this server's catalogue lacks)."""
     name = spec["optimizer"]["name"] if isinstance(spec.get("optimizer"), dict) else spec.get("optimizer")
     try:
-        return describe_lrs.lr_notes(groups, optim_core.get_optimizer(str(name)).class_path)
-    except optim_core.EngineError:  # an entry this server's catalogue lacks: nothing to explain with
-        return [None for _ in groups]
+        return optim_core.get_optimizer(str(name))
+    except optim_core.EngineError:
+        return None
+
+
+def lr_notes(spec: dict[str, Any], groups: list[dict[str, Any]]) -> list[str | None]:
+    """Why a group's LR is null (timm's relative-step Adafactor), from the stored spec and groups alone."""
+    entry = _entry(spec)
+    return describe_lrs.lr_notes(groups, entry.class_path) if entry is not None else [None for _ in groups]
+
+
+def needs(spec: dict[str, Any]) -> list[str]:
+    """What the run's optimizer takes beyond one gradient per step (``OptimizerEntry.needs``)."""
+    entry = _entry(spec)
+    return list(entry.needs) if entry is not None else []
 
 
 def _row(ctx: RunContext, tenant: str, name: str) -> Run:
@@ -153,7 +166,7 @@ def _create(ctx: RunContext, tenant: str, body: RunCreate, read_params: ParamsRe
         snapshot_every=snapshot_every,
         state=state,
         seq=0,
-        last_step_digest=None,
+        last_applied=None,
         last_snapshot_seq=0,
         last_snapshot_t=0,
         state_bytes=facts["state_bytes"],

@@ -12,12 +12,16 @@ from typing import Any
 import torch
 
 from optim_core import RunSpec, RunState
+from optim_core.closure import ClosureStep
 
 from ..settings import Settings
 from ..stepper import Stepper
 from ..storage import BlobStore, Database
 
 RunKey = tuple[str, str]  # (tenant, run name)
+# the last gradient applied: (t, k, digest), k the evaluation of a closure step (None for a plain step); a retry of
+# it is answered again, another gradient for it is a conflict
+Applied = tuple[int, int | None, str]
 # the run's columns that say where it stands: a run that logs its steps writes them with every step record
 POSITION = ("t", "epoch", "lrs", "skipped_steps")
 
@@ -47,8 +51,9 @@ def described(state: RunState) -> dict[str, Any]:
 class Live:
     """A run's state in this process, and where its durable history stands.
 
-    ``seq`` counts the events applied (steps and epoch steps); a run that logs its steps has as many in the
-    database. ``stale`` says why the state can no longer be trusted (it ran ahead of the database, or the
+    ``seq`` counts the events applied (steps, closure evaluations and epoch steps); a run that logs its steps has
+    as many in the database. ``closure`` is the step under way of a closure optimizer (LBFGS), waiting for its next
+    evaluation. ``stale`` says why the state can no longer be trusted (it ran ahead of the database, or the
     optimizer failed part way): the registry drops such a run when its hold is released, and the next request
     recovers it from the database.
     """
@@ -60,10 +65,11 @@ class Live:
     snapshot_every: int
     state: RunState
     seq: int
-    last_step_digest: str | None
+    last_applied: Applied | None
     last_snapshot_seq: int
     last_snapshot_t: int | None
     rejected_steps: int = 0  # step requests refused since the run was loaded; written with its next record
+    closure: ClosureStep | None = None
     stale: str | None = None
     state_bytes: int = 0  # as of the last ``measure``
     loaded_at: float = field(default_factory=time.monotonic)
@@ -79,8 +85,16 @@ class Live:
 
     def reset(self, state: RunState, *, seq: int) -> None:
         """``state`` is the run's whole history from now on, as its newest snapshot at ``seq`` (rollback, load)."""
+        self.close()
         self.state, self.seq = state, seq
-        self.last_step_digest, self.last_snapshot_seq, self.last_snapshot_t = None, seq, state.t
+        self.last_applied, self.last_snapshot_seq, self.last_snapshot_t = None, seq, state.t
+
+    def close(self) -> None:
+        """The run leaves memory (or its state is replaced): a closure step under way ends (its thread with it); its
+        logged evaluations are replayed when the run is loaded again."""
+        if self.closure is not None:
+            self.closure.abandon()
+            self.closure = None
 
     def measure(self) -> int:
         """The bytes of the state's tensors (parameters, optimizer state, averages): an optimizer allocates its

@@ -19,6 +19,7 @@ import torch
 
 import optim_core
 from optim_core import RunState
+from optim_core.closure import ClosureStep, Done
 from optim_format import FormatError, snapshot
 
 from .. import payloads
@@ -44,9 +45,9 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
         if snap is None:
             raise RecoveryFailed(f"run {name!r} has no snapshot to recover from")
         events = repo.events_after(row.id, snap.seq)
-        last_step = repo.last_step_digest(row.id)
+        last_applied = repo.last_gradient(row.id)
         meta, tensors = read_state(ctx.blobs, repo, snap.blob_key, f"run {name!r}: its snapshot at t={snap.t}")
-    with LogReader(ctx.db, ctx.blobs, [e.blob_key for e in events if e.kind == "step" and e.blob_key]) as reader:
+    with LogReader(ctx.db, ctx.blobs, [e.blob_key for e in events if e.kind in ("step", "eval") and e.blob_key]) as reader:
         try:
             state = RunState.from_parts(meta, tensors, device=ctx.device, adopt=True)
         except optim_core.EngineError as exc:
@@ -55,25 +56,41 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
         if not state.digest_matches(snap.digest):
             raise RecoveryFailed(f"run {name!r}: the snapshot at t={snap.t} does not match its recorded digest")
         seq = snap.seq
+        closure: ClosureStep | None = None  # a closure step being replayed, evaluation by evaluation
         for ev in events:
             if ev.seq != seq + 1:
                 raise RecoveryFailed(f"run {name!r}: the log jumps from event {seq} to {ev.seq}")
-            if ev.kind == "step" and not ev.blob_key:
-                raise RecoveryFailed(f"run {name!r}: event {ev.seq} (t={ev.t}) is a step without its gradient")
+            if ev.kind in ("step", "eval") and not ev.blob_key:
+                raise RecoveryFailed(f"run {name!r}: event {ev.seq} (t={ev.t}) is a {ev.kind} without its gradient")
             try:
                 if ev.kind == "step":
                     # views of the reader's buffer, which is not read into again before the step is done
-                    grads, _ = payloads.decode(reader.next())
-                    checksum = ctx.stepper.run(_replay_step, state, grads, ev.t, ev.value)
+                    grads, hessians = payloads.decode_gradients(reader.next(), state.spec.shapes())
+                    checksum = ctx.stepper.run(_replay_step, state, grads, hessians, ev.t, ev.value)
+                    del grads, hessians
+                elif ev.kind == "eval":
+                    if ev.k is None or ev.value is None:
+                        raise RecoveryFailed(f"run {name!r}: event {ev.seq} (t={ev.t}) is an evaluation without its k or loss")
+                    grads, _ = payloads.decode_gradients(reader.next(), state.spec.shapes())
+                    if closure is None:
+                        closure = ctx.stepper.run(state.begin_closure_step, ev.t)
+                    # copied, not donated: torch's step may hold them past the reader's reuse of the buffer
+                    if isinstance(ctx.stepper.run(closure.provide, ev.k, ev.value, grads), Done):
+                        closure = None
+                    checksum = state.checksum()
                     del grads
                 else:
                     state.step_epoch(metric=ev.value)
                     checksum = state.checksum()
             except (optim_core.EngineError, optim_core.StepFailed, ServiceError) as exc:
+                if closure is not None:
+                    closure.abandon()
                 if isinstance(exc, StorageUnavailable):
                     raise
                 raise RecoveryFailed(f"run {name!r}: replaying event {ev.seq} (t={ev.t}) failed: {exc}") from None
             if checksum != ev.checksum:
+                if closure is not None:
+                    closure.abandon()
                 raise RecoveryFailed(
                     f"run {name!r}: replaying event {ev.seq} (t={ev.t}) does not reproduce the recorded parameters; "
                     "refusing to resume a diverged state"
@@ -90,7 +107,8 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
         snapshot_every=row.snapshot_every,
         state=state,
         seq=seq,
-        last_step_digest=last_step,
+        last_applied=last_applied,
+        closure=closure,
         last_snapshot_seq=snap.seq,
         last_snapshot_t=snap.t,
         rejected_steps=row.rejected_steps,
@@ -109,10 +127,13 @@ def read_state(blobs: BlobStore, repo: Repository, key: str, what: str) -> tuple
             raise RecoveryFailed(f"{what} cannot be loaded here: {exc}") from None
 
 
-def _replay_step(state: RunState, grads: dict[str, torch.Tensor], t: int, loss: float | None) -> str:
+def _replay_step(
+    state: RunState, grads: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], t: int, loss: float | None
+) -> str:
     """A logged step applied again (on a stepper thread); the parameters' checksum after it. The gradients are
     views of the log reader's buffer, which is read into again only after this step: they are donated."""
-    state.apply(grads, t, loss=loss, donate=True)
+    takes_hessians = "hessian" in state.entry.needs or hessians
+    state.apply(grads, t, loss=loss, donate=True, hessians=hessians if takes_hessians else None)
     return state.checksum()
 
 

@@ -159,9 +159,13 @@ class RunRegistry:
             log.warning(
                 "run %r is dropped from memory (%s); it is recovered from the database when next asked for", key[1], live.stale
             )
+            live.close()
             slot.live = None
         if slot.live is not None and slot.users == 0:
-            slot.live.measure()
+            try:
+                slot.live.measure()
+            except Exception:  # the answer is given; its accounting must not turn it into an error
+                log.exception("measuring run %r failed; its last measure stands", key[1])
         if slot.live is None:
             self._recent.pop(key, None)
         if slot.users == 0 and slot.live is None and slot.lock.free:
@@ -177,11 +181,14 @@ class RunRegistry:
                 if self.live_bytes() <= self.budget:
                     break
                 slot = self._slots.get(key)
-                if slot is None or slot.live is None or slot.users or not slot.lock.try_acquire_write():
-                    continue  # in use: the run being served is never dropped
+                if slot is None or slot.live is None or slot.users or slot.live.closure is not None:
+                    continue  # in use: the run being served, or one in the middle of a closure step, stays
+                if not slot.lock.try_acquire_write():
+                    continue
                 try:
                     live = slot.live
                     await run_in_threadpool(self.snapshots.before_drop, live)
+                    live.close()
                     slot.live = None
                     self._recent.pop(key, None)
                     log.info(
@@ -203,6 +210,7 @@ class RunRegistry:
             async with self.hold(*key, write=True, load=False) as run:
                 if run.live is not None:
                     await run_in_threadpool(self.snapshots.before_drop, run.live)
+                    run.live.close()
                     slot.live = None
 
 

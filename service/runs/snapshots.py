@@ -76,12 +76,14 @@ class Snapshots:
     def due(self, live: Live) -> bool:
         """Whether a run that logs its steps should start a snapshot now (a cheap read, without the run's lock):
         one at a time per run; the step after the one in flight lands asks again."""
-        return live.durability == "log" and live.snapshot_due and not self.in_flight(live.id)
+        return live.durability == "log" and live.snapshot_due and live.closure is None and not self.in_flight(live.id)
 
     # ------------------------------------------------------------------ taking one
     def start(self, live: Live, *, wait_for_room: bool = False) -> None:
         """Capture the state (under the run's hold) and write it in the background, if one is due and there is
         room for its copy (or, with ``wait_for_room``, once there is)."""
+        if live.closure is not None:  # a closure step under way: snapshots are taken between steps
+            return
         if not live.snapshot_due or self.in_flight(live.id) or not self._room.acquire(blocking=wait_for_room):
             return
         try:

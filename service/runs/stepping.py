@@ -2,15 +2,20 @@
 
 Called under the run's write hold (``RunRegistry.answer``), in a worker thread:
 
-1. decode the payload (safetensors views of the body; a small JSON body is encoded to safetensors first, so the
-   log holds one format);
-2. exactly once: a retry of the step just applied (same ``t``, same gradient digest) is answered again without
-   applying anything; the same step with another gradient, a stale ``t`` or one ahead of the run is a 409 that
-   tells the worker the run's ``t``;
+1. decode the payload: safetensors views of the body (dense gradients, sparse ones as ``#indices``/``#values``,
+   Hessian estimates as ``#hessian``); a small JSON body is encoded to safetensors first, so the log holds one
+   format;
+2. exactly once: a retry of the gradient just applied (same ``t`` and evaluation ``k``, same digest) is answered
+   again without applying anything; another gradient for it, a stale ``t`` or one ahead of the run is a 409 that
+   tells the worker where the run is;
 3. the log record's blob starts on a log writer while the optimizer steps on a stepper thread (``journal``);
 4. the record is committed, then (snapshot-only runs) a due snapshot is taken;
-5. the outcome: the new ``t``, the LRs, the parameters the answer is sent from.
-A request refused (4xx) changes nothing but the run's count of refused steps.
+5. the outcome: the new ``t``, the LRs, the parameters the answer is sent from, and what the worker needs next
+   (``position``: the evaluation a closure step waits for, the Hessian estimates an Adahessian step takes).
+
+A closure optimizer (LBFGS) steps through evaluations (``_evaluate``): each request is evaluation ``k`` of step
+``t``, answered with the parameters to evaluate at next, until the step is done. A request refused (4xx)
+changes nothing but the run's count of refused steps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 import optim_core
 from optim_core import StepResult
+from optim_core.closure import Done
 
 from .. import payloads
 from ..errors import Invalid, InvalidPayload, ServiceError, StepConflict, from_engine
@@ -49,13 +55,15 @@ class Clock:
 
 @dataclass(frozen=True)
 class StepRequest:
-    """A step as received: ``digest`` is ``payloads.digest`` of a binary payload, computed while it arrived."""
+    """A step as received: ``digest`` is ``payloads.digest`` of a binary payload, computed while it arrived;
+    ``k`` the evaluation of a closure step (closure optimizers only)."""
 
     t: int
     payload: bytes | memoryview
     content_type: str  # "binary" (safetensors) or "json"
     loss: float | None = None
     digest: str | None = None
+    k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,29 @@ class StepOutcome:
     result: StepResult
     replayed: bool
     params: dict[str, torch.Tensor]
+    position: dict[str, str]  # the answer's metadata: t, lr, and what the worker needs next
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    grads: dict[str, torch.Tensor]
+    hessians: dict[str, torch.Tensor]
+    payload: bytes | memoryview  # as logged: safetensors
+    digest: str
+    loss: float | None
+
+
+def position(live: Live) -> dict[str, str]:
+    """Where the run stands, for an answer's headers and safetensors metadata: ``t``, ``lr`` (JSON), ``evaluate``
+    (the evaluation a closure step under way waits for) and ``hessian`` (JSON of the Hessian request of the next
+    Adahessian step)."""
+    state = live.state
+    out = {"t": str(state.t), "lr": json.dumps(state.lrs)}
+    if live.closure is not None and live.closure.waiting_for is not None:
+        out["evaluate"] = str(live.closure.waiting_for)
+    if "hessian" in state.entry.needs:
+        out["hessian"] = json.dumps(state.hessian_request().to_dict())
+    return out
 
 
 def step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest, clock: Clock) -> StepOutcome:
@@ -76,17 +107,24 @@ def step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest
 
 def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest, clock: Clock) -> StepOutcome:
     state = live.state
-    grads, payload, digest, loss = _decode(live, request)
+    closure = "closure" in state.entry.needs
+    if closure and request.k is None:
+        raise Invalid(f"{state.entry.name} steps by closure evaluations: send each one as evaluation k (?k=0, 1, ...)")
+    if not closure and request.k is not None:
+        raise Invalid(f"{state.entry.name} takes one gradient per step: k is for closure optimizers (torch.LBFGS)")
+    decoded = _decode(live, request)
     clock.lap("decode")
 
-    if request.t == state.t - 1 and live.last_step_digest is not None:
-        if digest != live.last_step_digest:
+    last = live.last_applied
+    if last is not None and (request.t, request.k) == last[:2] and (closure or request.t == state.t - 1):
+        if decoded.digest != last[2]:
+            what = f"step t={request.t}" if request.k is None else f"evaluation k={request.k} of step t={request.t}"
             raise StepConflict(
-                f"step t={request.t} was already applied with a different gradient; the run is at t={state.t}",
+                f"{what} was already applied with a different gradient; the run is at t={state.t}",
                 current_t=state.t,
                 reason="other_gradient",
             )
-        return StepOutcome(StepResult(t=state.t, lrs=state.lrs), replayed=True, params=state.params())
+        return StepOutcome(StepResult(t=state.t, lrs=state.lrs), replayed=True, params=state.params(), position=position(live))
     if request.t != state.t:
         what = "stale: resync from GET /runs/{run}/params" if request.t < state.t else "ahead of the run"
         raise StepConflict(
@@ -94,14 +132,18 @@ def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepReques
             current_t=state.t,
             reason="stale" if request.t < state.t else "ahead",
         )
+    if closure:
+        return _evaluate(ctx, snapshots, live, request, decoded, clock)
 
     # the gradient goes to the log while the optimizer steps: the payload is not the tensors the optimizer is
     # given (those are decoded copies), so both proceed at once and the answer waits for both. A run that logs
     # nothing gives the optimizer the body's own (writable) memory: the aligned gradients are not copied.
-    writer = journal.begin(ctx, live, payload)
+    writer = journal.begin(ctx, live, decoded.payload)
+    payload = decoded.payload
     donate = writer is None and (request.content_type == "json" or (isinstance(payload, memoryview) and not payload.readonly))
+    hessians = decoded.hessians if "hessian" in state.entry.needs or decoded.hessians else None
     try:
-        result = ctx.stepper.run(state.apply, grads, request.t, loss=loss, donate=donate)
+        result = ctx.stepper.run(state.apply, decoded.grads, request.t, loss=decoded.loss, donate=donate, hessians=hessians)
     except optim_core.StepFailed as exc:
         journal.abort(ctx, writer)
         live.stale = f"the optimizer failed part way through step t={request.t}"
@@ -113,12 +155,67 @@ def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepReques
         journal.abort(ctx, writer)
         raise
     clock.lap("step")
-    journal.commit(ctx, live, writer, kind="step", t=request.t, value=loss, grad_digest=digest)
+    journal.commit(ctx, live, writer, kind="step", t=request.t, value=decoded.loss, grad_digest=decoded.digest)
     clock.lap("log")  # what the log write adds after the step (it ran beside it)
-    live.last_step_digest = digest
+    live.last_applied = (request.t, None, decoded.digest)
     if live.durability == "snapshot":
         snapshots.take_if_due(live)  # its durability: before the answer (a log run's comes after it)
-    return StepOutcome(result, replayed=False, params=state.params())
+    return StepOutcome(result, replayed=False, params=state.params(), position=position(live))
+
+
+def _evaluate(
+    ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest, decoded: _Decoded, clock: Clock
+) -> StepOutcome:
+    """Evaluation ``k`` of a closure step: logged before the step goes on with it; the answer is the parameters of
+    the next evaluation, or the step's result once torch's ``step(closure)`` returns."""
+    state, k = live.state, request.k
+    assert k is not None
+    if decoded.loss is None:
+        raise Invalid(f"evaluation k={k} of step t={request.t} needs its loss (?loss=): the line search compares them")
+    if live.closure is None:
+        if k != 0:
+            raise StepConflict(
+                f"step t={request.t} has not started: its first evaluation is k=0, got k={k}",
+                current_t=state.t,
+                expected_k=0,
+                reason="evaluation",
+            )
+        try:
+            live.closure = ctx.stepper.run(state.begin_closure_step, request.t)
+        except optim_core.EngineError as exc:
+            raise from_engine(exc) from None
+    expected = live.closure.waiting_for
+    if k != expected:
+        raise StepConflict(
+            f"evaluation k={k} of step t={request.t} is not the one it waits for: k={expected}",
+            current_t=state.t,
+            expected_k=expected,
+            reason="evaluation",
+        )
+    writer = journal.begin(ctx, live, decoded.payload)
+    try:
+        pending = ctx.stepper.run(live.closure.provide, k, decoded.loss, decoded.grads)
+    except optim_core.StepFailed as exc:
+        journal.abort(ctx, writer)
+        live.closure = None
+        live.stale = f"the optimizer failed part way through step t={request.t}"
+        raise Invalid(f"the optimizer failed on evaluation k={k} and nothing was applied: {exc}") from None
+    except optim_core.EngineError as exc:  # refused before torch saw it: the step waits for the same k
+        journal.abort(ctx, writer)
+        raise from_engine(exc) from None
+    except BaseException:
+        journal.abort(ctx, writer)
+        raise
+    clock.lap("step")
+    journal.commit(ctx, live, writer, kind="eval", t=request.t, k=k, value=decoded.loss, grad_digest=decoded.digest)
+    clock.lap("log")
+    live.last_applied = (request.t, k, decoded.digest)
+    result = pending.result if isinstance(pending, Done) else StepResult(t=state.t, lrs=state.lrs)
+    if isinstance(pending, Done):
+        live.closure = None
+        if live.durability == "snapshot":
+            snapshots.take_if_due(live)
+    return StepOutcome(result, replayed=False, params=state.params(), position=position(live))
 
 
 def step_epoch(ctx: RunContext, live: Live, *, metric: float | None) -> StepResult:
@@ -134,12 +231,13 @@ def step_epoch(ctx: RunContext, live: Live, *, metric: float | None) -> StepResu
     return result
 
 
-def _decode(live: Live, request: StepRequest) -> tuple[dict[str, torch.Tensor], bytes | memoryview, str, float | None]:
+def _decode(live: Live, request: StepRequest) -> _Decoded:
     """The gradients, the payload to log (safetensors), its digest, and the loss."""
     loss = request.loss
     if request.content_type != "json":
-        grads, _ = payloads.decode(request.payload)
-        return grads, request.payload, request.digest or payloads.digest(request.payload), loss
+        grads, hessians = payloads.decode_gradients(request.payload, live.state.spec.shapes())
+        digest = request.digest or payloads.digest(request.payload)
+        return _Decoded(grads, hessians, request.payload, digest, loss)
     try:
         body = json.loads(bytes(request.payload))  # a JSON body is read as bytes: no copy
     except (ValueError, RecursionError) as exc:
@@ -150,4 +248,4 @@ def _decode(live: Live, request: StepRequest) -> tuple[dict[str, torch.Tensor], 
         loss = body["loss"]
     grads = payloads.from_json_lists(body["grads"], live.state.params(), "grads")
     payload = payloads.encode(grads)
-    return grads, payload, payloads.digest(payload), loss
+    return _Decoded(grads, {}, payload, payloads.digest(payload), loss)

@@ -67,7 +67,8 @@ class Run(Base):
 
 
 class Event(Base):
-    """The log: every acknowledged step (its gradient payload as received) and epoch step, in order."""
+    """The log: every acknowledged step (its gradient payload as received), closure evaluation and epoch step, in
+    order."""
 
     __tablename__ = "event"
     __table_args__ = (UniqueConstraint("run_id", "seq"),)
@@ -75,8 +76,9 @@ class Event(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), index=True)
     seq: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[str] = mapped_column(String(8))  # "step" | "epoch"
+    kind: Mapped[str] = mapped_column(String(8))  # "step" | "eval" (an evaluation of a closure step) | "epoch"
     t: Mapped[int] = mapped_column(BigInteger)  # the run's t before the event
+    k: Mapped[int | None] = mapped_column(Integer, nullable=True)  # which evaluation of step t ("eval")
     value: Mapped[float | None] = mapped_column(Float, nullable=True)  # loss (step) or metric (epoch)
     grad_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     checksum: Mapped[str] = mapped_column(String(64))  # of the parameters after the event

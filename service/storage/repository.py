@@ -52,10 +52,18 @@ class Repository:
             self.session.execute(select(Event).where(Event.run_id == run_id, Event.seq > seq).order_by(Event.seq)).scalars().all()
         )
 
-    def last_step_digest(self, run_id: int) -> str | None:
-        return self.session.execute(
-            select(Event.grad_digest).where(Event.run_id == run_id, Event.kind == "step").order_by(Event.seq.desc()).limit(1)
-        ).scalar_one_or_none()
+    def last_gradient(self, run_id: int) -> tuple[int, int | None, str] | None:
+        """(t, k, digest) of the run's last logged gradient (a step, or an evaluation of a closure step)."""
+        row = self.session.execute(
+            select(Event.t, Event.k, Event.grad_digest)
+            .where(Event.run_id == run_id, Event.kind.in_(("step", "eval")))
+            .order_by(Event.seq.desc())
+            .limit(1)
+        ).one_or_none()
+        if row is None or row[2] is None:
+            return None
+        t, k, digest = row
+        return (int(t), k, str(digest))
 
     def prune_events_before(self, run_id: int, seq: int) -> list[str]:
         """Delete the events before ``seq``; the blob keys they held."""
