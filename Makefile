@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test test-fast lint format clean bench
+.PHONY: install serve test test-fast test-gpu lint format clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: lint
 # the engine and the service in this process (no server processes, no kill -9): a few minutes
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q -m "not slow" tests/engine tests/service
+
+# on a CUDA host: the device-parametrized tests (engine parity per entry and implementation, kill -9 resume)
+# on the GPU, with timm's bitsandbytes entries installed (pip install -e '.[cuda]')
+test-gpu: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cuda,dev]'
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here')"
+	$(BIN)/python -m pytest -n 4 -q -m cuda tests/engine tests/faults/test_durability.py
 
 # what hosting the optimizer costs, against in-process and the alternatives (~15 min; see bench/README.md)
 bench: $(STAMP)

@@ -28,7 +28,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from service.storage.database import SQLITE_PAGE_SIZE, alembic_config
 
-from ..reference import assert_tree_bitwise, bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
+from ..reference import DEVICES, assert_tree_bitwise, bitwise_equal, initial_params, make_grads, make_model, manifest, set_grads
 from ..server import BLOB_STORES, DATABASES, Server, database, decode, encode, migrate
 
 STEPS = 110
@@ -136,6 +136,30 @@ def test_kill_9_at_random_moments_resumes_bit_for_bit(db: str, blobs: str, seed:
     assert all(bitwise_equal(p, ema[n]) for n, p in ref_ema.module.named_parameters())
     assert run["lr"] == [g["lr"] for g in opt.param_groups]
     assert_tree_bitwise(opt.state_dict()["state"], exported["optimizer"]["state"], "optimizer state")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kill_9_resumes_bit_for_bit_on_each_device(device: str, tmp_path: Path) -> None:
+    """The server steps on ``device`` (OPTIM_DEVICE), is killed twice, and ends where the in-process optimizer on the
+    same device ends: the GPU path is the code CI runs on the CPU, and is run where a GPU is present."""
+    model = make_model(3)
+    grads = make_grads(model, STEPS, seed=3)
+    with database("sqlite", tmp_path) as url:
+        server = Server(url, tmp_path, env={"OPTIM_DEVICE": device}).start()
+        with server.client() as client:
+            _create(client, model, "device", snapshot_every=7)
+        for k in range(STEPS):
+            if k in (5, 13):
+                server.kill()
+                server.start()
+            r = _send(server.base, "device", k, encode(grads[k]))
+            assert r.status_code == 200, r.text
+        with server.client() as client:
+            params = decode(client.get("/runs/device/params").content)
+        server.stop()
+    local = make_model(3).to(device)
+    _reference(local, [{n: g.to(device) for n, g in step.items()} for step in grads])  # steps local in place
+    assert all(bitwise_equal(p.cpu(), params[n]) for n, p in local.named_parameters())
 
 
 def _send_into(outcome: list[Any], base: str, name: str, t: int, body: bytes) -> None:
