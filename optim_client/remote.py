@@ -30,76 +30,10 @@ from safetensors.torch import load as st_load
 from optim_format import dtypes, framing
 
 from . import protocols
+from .params import as_torch, gradient_body, names_and_groups, rank_and_world, server_timing
 from .transport import OptimServiceError, Transport, default_url, read_exactly
 
 log = logging.getLogger("optim_client")
-
-
-def _escape(name: str) -> str:
-    """A parameter name as an fnmatch pattern that matches only itself."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def _server_timing(header: str) -> dict[str, float]:
-    """``Server-Timing: decode;dur=7.1, step;dur=30.2`` -> ``{"decode": 7.1, "step": 30.2}`` (ms)."""
-    out = {}
-    for part in header.split(","):
-        name, _, rest = part.strip().partition(";dur=")
-        try:
-            out[name] = float(rest)
-        except ValueError:
-            continue
-    return out
-
-
-def _as_torch(value: Any) -> Any:
-    """A param-group option from the service's JSON as torch holds it: JSON has no tuples, and torch's options that
-    are sequences (``betas``, Rprop's ``etas`` and ``step_sizes``) are tuples."""
-    if isinstance(value, list):
-        return tuple(_as_torch(v) for v in value)
-    return value
-
-
-def _named(params: Iterable[Any]) -> tuple[list[tuple[str, torch.Tensor]], list[dict[str, Any]] | None]:
-    """(name, tensor) pairs in order, and the explicit groups if param-group dicts were given."""
-    items = list(params)
-    if not items:
-        raise ValueError("RemoteOptimizer got an empty parameter list")
-    if isinstance(items[0], dict):
-        named: list[tuple[str, torch.Tensor]] = []
-        groups = []
-        for g in items:
-            members = _named(g["params"])[0] if not isinstance(g["params"], torch.Tensor) else [("", g["params"])]
-            start = len(named)
-            members = [(n if n and not n.isdigit() else str(start + i), p) for i, (n, p) in enumerate(members)]
-            named += members
-            groups.append({"params": [_escape(n) for n, _ in members], **{k: v for k, v in g.items() if k != "params"}})
-        return named, groups
-    if isinstance(items[0], tuple):
-        return [(str(n), p) for n, p in items], None
-    return [(str(i), p) for i, p in enumerate(items)], None
-
-
-def gradient_body(
-    params: Mapping[str, torch.Tensor],
-    wire_dtype: torch.dtype | None = None,
-    hessians: Mapping[str, torch.Tensor] | None = None,
-) -> list[memoryview]:
-    """A step's body: each parameter's ``.grad`` (none for those without), in ``wire_dtype`` if given, and the
-    Hessian estimates of an Adahessian step (``{name}#hessian``).
-
-    The header, then each gradient's own memory (sent without a copy), those of whole multiples of 64 bytes
-    first: the service can then step on them where they land in its buffer instead of copying them. A sparse
-    gradient (``nn.Embedding(sparse=True)``) goes as its indices and values (``framing.flatten``), as torch holds them.
-    """
-    grads = {}
-    for name, p in params.items():
-        if p.grad is not None:
-            g = p.grad.detach()
-            if wire_dtype is not None:
-                g = g.to(wire_dtype)
-            grads[name] = g
-    return framing.parts(framing.aligned_first(framing.flatten(grads, hessians)))
 
 
 class RemoteScheduler:
@@ -141,10 +75,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         nonfinite: str = "error",
         seed: int = 0,
         retry_deadline: float = 600.0,
+        workers: Mapping[str, Any] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
         **hyperparams: Any,
     ) -> None:
-        named, explicit = _named(named_params)
+        named, explicit = names_and_groups(named_params)
         self.run = run
+        # several workers: this process's rank and world size, as torchrun sets them (RANK, WORLD_SIZE) unless given
+        self.rank: int | None = None
+        self.world_size: int | None = None
+        if workers is not None:
+            self.rank, self.world_size = rank_and_world(rank, world_size)
         self.wire_dtype = wire_dtype
         self._by_name = dict(named)
         self._http = Transport(url or default_url(), token=token, retry_deadline=retry_deadline)
@@ -167,6 +109,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             "nonfinite": nonfinite,
             "seed": seed,
         }
+        if workers is not None:
+            spec["workers"] = dict(workers)
         body: dict[str, Any] = {"name": run, "spec": spec, "durability": durability}
         if snapshot_every is not None:
             body["snapshot_every"] = snapshot_every
@@ -176,7 +120,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.resumed = response.status_code == 200
         super().__init__(
             [
-                {**{k: _as_torch(v) for k, v in g.items() if k != "params"}, "params": [self._by_name[n] for n in g["params"]]}
+                {**{k: as_torch(v) for k, v in g.items() if k != "params"}, "params": [self._by_name[n] for n in g["params"]]}
                 for g in info["groups"]
             ],
             {},
@@ -221,7 +165,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hessians = protocols.hessian_estimates(self) if "hessian" in self.needs else None
-        self._send_step({"t": self.t} if loss is None else {"t": self.t, "loss": protocols.scalar(loss)}, hessians)
+        query: dict[str, Any] = {"t": self.t}
+        if loss is not None:
+            query["loss"] = protocols.scalar(loss)
+        if self.rank is not None:  # a sync step is answered once the ranks' mean gradient has been applied
+            query.update(rank=self.rank, world_size=self.world_size)
+        self._send_step(query, hessians)
         return loss
 
     def _send_step(self, params: dict[str, Any], hessians: Mapping[str, torch.Tensor] | None = None) -> bool:
@@ -255,7 +204,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             "encode": (sent - start) * 1e3,
             "round_trip": (answered - sent) * 1e3,
             "write": self._write_ms,
-            "server": _server_timing(r.headers.get("Server-Timing", "")),
+            "server": server_timing(r.headers.get("Server-Timing", "")),
         }
         return True
 

@@ -51,6 +51,13 @@ def create(
 ) -> tuple[RunState, dict[str, Any]]:
     """The new state and its ``describe()``; a :class:`SpecError` for whatever the libraries refuse."""
     state = cls(spec, params, device=device)  # the optimizer, scheduler and averagers convert their own errors
+    workers = state.spec.workers
+    protocols = sorted({"closure", "hessian"} & set(state.entry.needs))
+    if workers is not None and workers.world_size > 1 and protocols:
+        raise SpecError(
+            f"optimizer {state.entry.name!r} takes {' and '.join(protocols)} input beside its gradients, which one "
+            f"worker sends: it cannot step with workers.world_size={workers.world_size}"
+        )
     _trial(cls, state)
     shown = _shown(state.spec)
     try:

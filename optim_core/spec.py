@@ -30,6 +30,7 @@ from .spec_values import (
     to_lists,
     to_tuples,
 )
+from .workers import WorkersSpec
 
 MAX_NAME_LENGTH = 512
 MAX_TENSORS = 100_000
@@ -316,13 +317,14 @@ class RunSpec:
     swa: SwaSpec | None = None
     nonfinite: str = "error"
     seed: int = 0
+    workers: WorkersSpec | None = None  # several workers on the run (optim_core.workers)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunSpec:
         require_keys(
             "spec",
             data,
-            {"params", "optimizer", "param_groups", "scheduler", "ema", "swa", "nonfinite", "seed"},
+            {"params", "optimizer", "param_groups", "scheduler", "ema", "swa", "nonfinite", "seed", "workers"},
             {"params", "optimizer"},
         )
         raw = data["params"]
@@ -352,6 +354,7 @@ class RunSpec:
             swa=SwaSpec.from_dict(data.get("swa")),
             nonfinite=nonfinite,
             seed=integer("spec.seed", data.get("seed", 0)),
+            workers=WorkersSpec.from_dict(data.get("workers")),
         )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -359,7 +362,7 @@ class RunSpec:
         return {p.name: p.shape for p in self.params}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "params": [p.to_dict() for p in self.params],
             "optimizer": self.optimizer.to_dict(),
             "param_groups": self.param_groups.to_dict(),
@@ -369,3 +372,6 @@ class RunSpec:
             "nonfinite": self.nonfinite,
             "seed": self.seed,
         }
+        if self.workers is not None:  # only then: the specs (and digests) of one-worker runs stay as they were
+            out["workers"] = self.workers.to_dict()
+        return out

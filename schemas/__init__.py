@@ -1,6 +1,8 @@
 """The API's JSON models (pydantic only)."""
 
 from .runs import (
+    AppliedStep,
+    AppliedSteps,
     CheckpointCreate,
     CheckpointList,
     CheckpointPublic,
@@ -17,6 +19,8 @@ from .runs import (
 from .spec import RunSpecBody
 
 __all__ = [
+    "AppliedStep",
+    "AppliedSteps",
     "CheckpointCreate",
     "CheckpointList",
     "CheckpointPublic",

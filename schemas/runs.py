@@ -129,3 +129,18 @@ class ErrorBody(BaseModel):
     error: str
     detail: str
     current_t: int | None = None
+
+
+class AppliedStep(BaseModel):
+    """An applied step: who contributed its gradient, who was not waited for, when."""
+
+    t: int = Field(description="The step's t (the run's t before it).")
+    contributors: list[int] = Field(description="The ranks whose gradients made the step (0 for a one-worker run).")
+    dropped: list[int] = Field(description="Sync: the ranks the step did not wait for.")
+    base_t: dict[str, int] | None = Field(description="Async: the t each contributor's gradient was computed at.")
+    received: dict[str, datetime] = Field(description="When each contributor's gradient arrived.")
+    applied_at: datetime
+
+
+class AppliedSteps(BaseModel):
+    steps: list[AppliedStep]

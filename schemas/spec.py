@@ -86,6 +86,19 @@ class SwaSpec(_Closed):
     interval: Interval | None = None
 
 
+class WorkersSpec(_Closed):
+    """Several workers (ranks) on one run: data parallel, synchronous or asynchronous."""
+
+    world_size: int = Field(description="How many ranks send gradients (torchrun's WORLD_SIZE).")
+    mode: Literal["sync", "async"] = Field(
+        default="sync",
+        description="sync: one step of the ranks' mean gradient per t; async: each gradient a step as it arrives.",
+    )
+    quorum: int | None = Field(default=None, description="sync: ranks enough to step once the straggler timeout passed.")
+    straggler_timeout_s: float | None = Field(default=None, description="sync: seconds after a step's first gradient.")
+    max_staleness: int | None = Field(default=None, description="async: steps a gradient may lag the run (default 4).")
+
+
 class RunSpecBody(_Closed):
     """What a run is made of: the parameter manifest, the optimizer, its groups, scheduler and averages."""
 
@@ -97,6 +110,7 @@ class RunSpecBody(_Closed):
     swa: SwaSpec | None = None
     nonfinite: Literal["error", "skip"] | None = Field(default=None, description="NaN/Inf gradients: refused, or skipped.")
     seed: int | None = None
+    workers: WorkersSpec | None = Field(default=None, description="Several workers on the run; unset: one.")
 
     def to_engine(self) -> dict[str, Any]:
         """The spec as the engine reads it: what the request said, nothing filled in."""

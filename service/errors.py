@@ -89,6 +89,15 @@ class StorageUnavailable(ServiceError):
         super().__init__(message, headers={"Retry-After": "1"}, **extra)
 
 
+class WaitingForWorkers(ServiceError):
+    """A sync step still waits for ranks; the same gradient sent again joins it (exactly once). Retry."""
+
+    status_code = 503
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class RecoveryFailed(ServiceError):
     """A run's stored state does not reproduce its logged history: never resumed silently."""
 

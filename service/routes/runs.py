@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from optim_core import RunSpec
-from schemas import RunCreate, RunList, RunPublic
+from schemas import AppliedSteps, RunCreate, RunList, RunPublic
 
 from .. import payloads
 from ..bodies import content_kind, read_body
@@ -71,6 +73,18 @@ async def list_runs(registry: RegistryDep, tenant: TenantDep) -> RunList:
 @router.get("/runs/{run}", response_model=RunPublic, summary="One run: t, epoch, LRs, last snapshot, durability")
 async def get_run(run: RunName, registry: RegistryDep, tenant: TenantDep) -> RunPublic:
     return await lifecycle.describe(registry, tenant, run)
+
+
+@router.get("/runs/{run}/steps", response_model=AppliedSteps, summary="The applied steps: contributors, dropped ranks, times")
+async def applied_steps(
+    run: RunName,
+    registry: RegistryDep,
+    tenant: TenantDep,
+    start: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    stop: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> AppliedSteps:
+    return await lifecycle.applied_steps(registry, tenant, run, start=start, stop=stop, limit=limit)
 
 
 @router.delete("/runs/{run}", status_code=204, summary="Delete a run, its log, snapshots and checkpoints")

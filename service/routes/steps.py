@@ -16,8 +16,9 @@ from ..bodies import content_kind, read_body
 from ..deps import RegistryDep, RunName, SettingsDep, TenantDep
 from ..errors import InvalidPayload, RunNotFound
 from ..payloads import SAFETENSORS, LiveTensorsResponse
-from ..runs import Live, history, lifecycle, stepping
+from ..runs import Later, Live, history, lifecycle, stepping, workers
 from ..runs.stepping import Clock, StepOutcome, StepRequest
+from ..runs.workers import Pending
 
 router = APIRouter(tags=["steps"])
 BINARY_BODY = {"content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}
@@ -69,22 +70,47 @@ async def step(
     k: Annotated[
         int | None, Query(ge=0, le=2**31 - 1, description="Closure optimizers (torch.LBFGS): which evaluation of step t.")
     ] = None,
+    rank: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="Several workers: the sender's rank.")] = None,
+    world_size: Annotated[
+        int | None, Query(ge=1, le=2**31 - 1, description="Several workers: the world size the sender runs in.")
+    ] = None,
 ) -> Response:
     clock = Clock()
     hasher = payloads.Hasher()  # the gradient's digest, computed while it arrives
     body = await read_body(request, settings.max_body_bytes, hasher)
     clock.lap("receive")
-    step_request = StepRequest(t=t, payload=body, content_type=content_kind(request), loss=loss, digest=hasher.hexdigest(), k=k)
+    step_request = StepRequest(
+        t=t,
+        payload=body,
+        content_type=content_kind(request),
+        loss=loss,
+        digest=hasher.hexdigest(),
+        k=k,
+        rank=rank,
+        world_size=world_size,
+    )
     live_answers: bool = request.app.state.live_answers
 
-    def work(live: Live) -> Response:
+    def work(live: Live) -> Response | Later:
         clock.lap("wait")  # for the run's lock (another request on the run) and a worker thread
-        response = _step_response(
-            stepping.step(registry.ctx, registry.snapshots, live, step_request, clock), returns, live_answers
-        )
+        outcome = stepping.step(registry.ctx, registry.snapshots, live, step_request, clock)
+        if isinstance(outcome, Pending):  # a sync step of several workers: answered once it is applied
+            return Later(lambda: _gathered(outcome))
+        response = _step_response(outcome, returns, live_answers)
         clock.lap("encode")
         response.headers["Server-Timing"] = clock.header()
         return response
+
+    async def _gathered(pending: Pending) -> Response:
+        async def apply_later(t: int) -> None:
+            await registry.call(tenant, run, lambda live: workers.apply_if_ready(registry.ctx, live, t), write=True)
+
+        answer = await workers.wait(pending, apply_later)
+        clock.lap("gather")  # waiting for the other ranks
+        headers = {**_headers(answer.position), "Server-Timing": clock.header()}
+        if returns == "none":
+            return Response(status_code=200, headers=headers)
+        return Response(answer.body, media_type=SAFETENSORS, headers=headers)
 
     async def snapshot() -> None:
         """A due snapshot's capture, once the answer of the step that made it due is sent (``Snapshots.start``)."""

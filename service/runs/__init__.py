@@ -4,11 +4,12 @@
 - ``lifecycle``: create, describe, list, delete;
 - ``stepping``: the exactly-once step; ``journal``: its durable record;
 - ``snapshots``: the full state now and then; ``recovery``: the state again from the database;
-- ``history``: checkpoints, rollback, load, fork.
+- ``history``: checkpoints, rollback, load, fork;
+- ``workers``: several workers on a run: sync gathers, async staleness, exactly once per (rank, t).
 """
 
 from .live import Live, RunContext
-from .registry import RunRegistry
+from .registry import Later, RunRegistry
 from .snapshots import Snapshots
 
-__all__ = ["Live", "RunContext", "RunRegistry", "Snapshots"]
+__all__ = ["Later", "Live", "RunContext", "RunRegistry", "Snapshots"]

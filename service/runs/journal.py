@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from ..errors import StorageUnavailable
 from ..storage import new_key
@@ -35,14 +37,16 @@ class LogWrite:
     blob: Future[int] | None
 
 
-def begin(ctx: RunContext, live: Live, payload: bytes | memoryview | None) -> LogWrite | None:
-    """Start writing the record of the event about to be applied; None for a run that logs nothing."""
+def begin(ctx: RunContext, live: Live, payload: bytes | memoryview | list[memoryview] | None) -> LogWrite | None:
+    """Start writing the record of the event about to be applied (its payload: a body, or the parts of one); None
+    for a run that logs nothing."""
     if live.durability != "log":
         return None
     if payload is None:
         return LogWrite(key=None, blob=None)
     key = new_key()
-    return LogWrite(key=key, blob=ctx.log_writers.submit(ctx.blobs.put_staged, ctx.db, key, [payload]))
+    parts = payload if isinstance(payload, list) else [payload]
+    return LogWrite(key=key, blob=ctx.log_writers.submit(ctx.blobs.put_staged, ctx.db, key, parts))
 
 
 def abort(ctx: RunContext, writer: LogWrite | None) -> None:
@@ -69,8 +73,11 @@ def commit(
     value: float | None,
     grad_digest: str | None,
     k: int | None = None,
+    record: dict[str, Any] | None = None,
+    marks: dict[int, tuple[int, str]] | None = None,
 ) -> None:
-    """Make the event just applied durable (a run that logs its steps), and count it."""
+    """Make the event just applied durable (a run that logs its steps), and count it. ``record``: the applied
+    step's contributors (``storage.models.StepRecord``); ``marks``: the ranks' last applied gradients."""
     if writer is not None:
         state = live.state
         event = {
@@ -88,6 +95,9 @@ def commit(
                 writer.blob.result()
             with ctx.db.write(f"logging the {kind} at t={t}") as repo:
                 repo.add_event(live.id, **event)
+                if record is not None:
+                    repo.add_step_record(live.id, t=t, applied_at=datetime.now(UTC), **record)
+                extra = {"worker_marks": _marks_json({**live.marks, **marks})} if marks else {}
                 repo.update_run(
                     live.id,
                     t=state.t,
@@ -97,9 +107,14 @@ def commit(
                     skipped_steps=state.skipped_steps,
                     rejected_steps=live.rejected_steps,
                     state_bytes=live.measure(),
+                    **extra,
                 )
         except StorageUnavailable:
             live.stale = f"its {kind} at t={t} was applied in memory but could not be logged"
             abort(ctx, writer)
             raise
     live.seq += 1
+
+
+def _marks_json(marks: dict[int, tuple[int, str]]) -> dict[str, list[Any]]:
+    return {str(rank): [t, digest] for rank, (t, digest) in marks.items()}

@@ -18,11 +18,11 @@ from starlette.concurrency import run_in_threadpool
 import optim_core
 from optim_core import RunSpec, RunState
 from optim_core import describe as describe_lrs
-from schemas import RunCreate, RunPublic
+from schemas import AppliedStep, AppliedSteps, RunCreate, RunPublic
 
 from ..errors import Invalid, RunConflict, RunNotFound, from_engine
 from ..storage import Duplicate, new_key
-from ..storage.models import Run
+from ..storage.models import Run, StepRecord
 from .live import Live, RunContext, described, spec_digest
 from .registry import RunRegistry
 
@@ -190,3 +190,29 @@ def _delete(registry: RunRegistry, tenant: str, name: str) -> None:
         repo.delete_run(row.id)
         ctx.blobs.delete(repo, keys)
     ctx.blobs.drop(keys)
+
+
+async def applied_steps(
+    registry: RunRegistry, tenant: str, name: str, *, start: int, stop: int | None, limit: int
+) -> AppliedSteps:
+    """The run's applied steps from ``start`` (to ``stop``), from the database alone."""
+
+    def read() -> list[StepRecord]:
+        row = _row(registry.ctx, tenant, name)
+        with registry.ctx.db.read(f"listing the steps of run {name!r}") as repo:
+            return list(repo.step_records(row.id, start, stop, limit))
+
+    records = await run_in_threadpool(read)
+    return AppliedSteps(
+        steps=[
+            AppliedStep(
+                t=r.t,
+                contributors=r.contributors,
+                dropped=r.dropped,
+                base_t=r.base_t,
+                received={rank: datetime.fromtimestamp(seconds, UTC) for rank, seconds in r.received.items()},
+                applied_at=r.applied_at,
+            )
+            for r in records
+        ]
+    )

@@ -7,16 +7,20 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from optim_core import RunSpec, RunState
 from optim_core.closure import ClosureStep
 
+from ..errors import StorageUnavailable
 from ..settings import Settings
 from ..stepper import Stepper
 from ..storage import BlobStore, Database
+
+if TYPE_CHECKING:  # the gather is the workers module's; a Live only holds it
+    from .workers import Gather
 
 RunKey = tuple[str, str]  # (tenant, run name)
 # the last gradient applied: (t, k, digest), k the evaluation of a closure step (None for a plain step); a retry of
@@ -70,6 +74,9 @@ class Live:
     last_snapshot_t: int | None
     rejected_steps: int = 0  # step requests refused since the run was loaded; written with its next record
     closure: ClosureStep | None = None
+    # several workers: each rank's last applied gradient (t, digest), and the sync step being gathered
+    marks: dict[int, tuple[int, str]] = field(default_factory=dict)
+    gather: Gather | None = None
     stale: str | None = None
     state_bytes: int = 0  # as of the last ``measure``
     loaded_at: float = field(default_factory=time.monotonic)
@@ -88,13 +95,18 @@ class Live:
         self.close()
         self.state, self.seq = state, seq
         self.last_applied, self.last_snapshot_seq, self.last_snapshot_t = None, seq, state.t
+        self.marks = {}
 
     def close(self) -> None:
         """The run leaves memory (or its state is replaced): a closure step under way ends (its thread with it); its
-        logged evaluations are replayed when the run is loaded again."""
+        logged evaluations are replayed when the run is loaded again. A sync step being gathered is dropped: its
+        ranks' requests are answered 503, and their retries gather it again."""
         if self.closure is not None:
             self.closure.abandon()
             self.closure = None
+        if self.gather is not None:
+            self.gather.done.set_exception(StorageUnavailable("the run left this server's memory while its step gathered"))
+            self.gather = None
 
     def measure(self) -> int:
         """The bytes of the state's tensors (parameters, optimizer state, averages): an optimizer allocates its
@@ -120,3 +132,16 @@ class RunContext:
     def close(self) -> None:
         self.log_writers.shutdown(wait=True)
         self.stepper.close()
+
+
+def position(live: Live) -> dict[str, str]:
+    """Where the run stands, for an answer's headers and safetensors metadata: ``t``, ``lr`` (JSON), ``evaluate``
+    (the evaluation a closure step under way waits for) and ``hessian`` (JSON of the Hessian request of the next
+    Adahessian step)."""
+    state = live.state
+    out = {"t": str(state.t), "lr": json.dumps(state.lrs)}
+    if live.closure is not None and live.closure.waiting_for is not None:
+        out["evaluate"] = str(live.closure.waiting_for)
+    if "hessian" in state.entry.needs:
+        out["hessian"] = json.dumps(state.hessian_request().to_dict())
+    return out

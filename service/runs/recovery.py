@@ -112,6 +112,7 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
         last_snapshot_seq=snap.seq,
         last_snapshot_t=snap.t,
         rejected_steps=row.rejected_steps,
+        marks={int(rank): (int(t), str(digest)) for rank, (t, digest) in (row.worker_marks or {}).items()},
     )
     live.measure()
     return live

@@ -141,14 +141,15 @@ class RunRegistry:
         self,
         tenant: str,
         name: str,
-        fn: Callable[..., Response],
+        fn: Callable[..., Response | Later],
         /,
         *args: Any,
         write: bool = False,
         after: Callable[[], Awaitable[None]] | None = None,
     ) -> Response:
-        """A response that holds the run while ``fn(live, *args)`` builds it and while it is sent; ``after`` runs
-        once the hold is released (a due snapshot)."""
+        """A response that holds the run while ``fn(live, *args)`` builds it and while it is sent (or, if ``fn``
+        answers ``Later``, that is awaited and sent after the hold); ``after`` runs once the hold is released (a
+        due snapshot)."""
         return _HeldResponse(self, tenant, name, fn, args, write, after)
 
     # ------------------------------------------------------------------ memory
@@ -214,6 +215,14 @@ class RunRegistry:
                     slot.live = None
 
 
+@dataclass(frozen=True)
+class Later:
+    """An answer not ready under the hold (a sync step waiting for other ranks): ``respond()`` is awaited, and its
+    response sent, once the hold is released."""
+
+    respond: Callable[[], Awaitable[Response]]
+
+
 class _HeldResponse(Response):
     """See ``RunRegistry.answer``. Errors before the answer starts go to the app's exception handlers, as any
     route's do."""
@@ -223,7 +232,7 @@ class _HeldResponse(Response):
         registry: RunRegistry,
         tenant: str,
         name: str,
-        fn: Callable[..., Response],
+        fn: Callable[..., Response | Later],
         args: tuple[Any, ...],
         write: bool,
         after: Callable[[], Awaitable[None]] | None,
@@ -240,12 +249,18 @@ class _HeldResponse(Response):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        later: Later | None = None
         async with self.registry.hold(self.tenant, self.name, write=self.write) as run:
             assert run.live is not None
             response = await run_in_threadpool(self.fn, run.live, *self.args)
-            if isinstance(response, LiveTensorsResponse):
-                response.lock_held = True
-            await run.downgrade()  # the answer only reads the run: other readers need not wait for its send
-            await response(scope, receive, send)
+            if isinstance(response, Later):
+                later = response
+            else:
+                if isinstance(response, LiveTensorsResponse):
+                    response.lock_held = True
+                await run.downgrade()  # the answer only reads the run: other readers need not wait for its send
+                await response(scope, receive, send)
+        if later is not None:
+            await (await later.respond())(scope, receive, send)
         if self.after is not None:
             await self.after()

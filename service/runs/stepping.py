@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,9 +33,10 @@ from optim_core.closure import Done
 
 from .. import payloads
 from ..errors import Invalid, InvalidPayload, ServiceError, StepConflict, from_engine
-from . import journal
-from .live import Live, RunContext
+from . import journal, workers
+from .live import Live, RunContext, position
 from .snapshots import Snapshots
+from .workers import Pending
 
 
 class Clock:
@@ -64,6 +66,8 @@ class StepRequest:
     loss: float | None = None
     digest: str | None = None
     k: int | None = None
+    rank: int | None = None
+    world_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,20 +87,9 @@ class _Decoded:
     loss: float | None
 
 
-def position(live: Live) -> dict[str, str]:
-    """Where the run stands, for an answer's headers and safetensors metadata: ``t``, ``lr`` (JSON), ``evaluate``
-    (the evaluation a closure step under way waits for) and ``hessian`` (JSON of the Hessian request of the next
-    Adahessian step)."""
-    state = live.state
-    out = {"t": str(state.t), "lr": json.dumps(state.lrs)}
-    if live.closure is not None and live.closure.waiting_for is not None:
-        out["evaluate"] = str(live.closure.waiting_for)
-    if "hessian" in state.entry.needs:
-        out["hessian"] = json.dumps(state.hessian_request().to_dict())
-    return out
-
-
-def step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest, clock: Clock) -> StepOutcome:
+def step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest, clock: Clock) -> StepOutcome | Pending:
+    """The step (see the module's docstring); a sync step of several workers answers ``Pending``: wait for the
+    other ranks (``workers.wait``) without the run's hold."""
     try:
         return _step(ctx, snapshots, live, request, clock)
     except ServiceError as exc:
@@ -105,15 +98,18 @@ def step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest
         raise
 
 
-def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest, clock: Clock) -> StepOutcome:
+def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest, clock: Clock) -> StepOutcome | Pending:
     state = live.state
     closure = "closure" in state.entry.needs
     if closure and request.k is None:
         raise Invalid(f"{state.entry.name} steps by closure evaluations: send each one as evaluation k (?k=0, 1, ...)")
     if not closure and request.k is not None:
         raise Invalid(f"{state.entry.name} takes one gradient per step: k is for closure optimizers (torch.LBFGS)")
+    rank = workers.sender_rank(live, workers.Sent(request.rank, request.world_size))
     decoded = _decode(live, request)
     clock.lap("decode")
+    if rank is not None:
+        return _from_rank(ctx, snapshots, live, request, rank, decoded, clock)
 
     last = live.last_applied
     if last is not None and (request.t, request.k) == last[:2] and (closure or request.t == state.t - 1):
@@ -124,7 +120,7 @@ def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepReques
                 current_t=state.t,
                 reason="other_gradient",
             )
-        return StepOutcome(StepResult(t=state.t, lrs=state.lrs), replayed=True, params=state.params(), position=position(live))
+        return _replayed(live)
     if request.t != state.t:
         what = "stale: resync from GET /runs/{run}/params" if request.t < state.t else "ahead of the run"
         raise StepConflict(
@@ -134,7 +130,65 @@ def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepReques
         )
     if closure:
         return _evaluate(ctx, snapshots, live, request, decoded, clock)
+    record = {"contributors": [0], "dropped": [], "base_t": None, "received": {"0": time.time()}}
+    outcome = _apply(ctx, snapshots, live, request, decoded, clock, record=record)
+    live.last_applied = (request.t, None, decoded.digest)
+    return outcome
 
+
+def _from_rank(
+    ctx: RunContext, snapshots: Snapshots, live: Live, request: StepRequest, rank: int, decoded: _Decoded, clock: Clock
+) -> StepOutcome | Pending:
+    """A gradient from rank ``rank`` of a run of several workers: gathered (sync) or applied as it comes (async)."""
+    state, spec = live.state, live.state.spec.workers
+    assert spec is not None
+    if workers.repeated(live, rank, request.t, decoded.digest):
+        if spec.mode == "sync" and state.t != request.t + 1:  # the run moved on: its answer is gone with it
+            raise StepConflict(
+                f"rank {rank}'s step t={request.t} was applied; the run is at t={state.t}: resync",
+                current_t=state.t,
+                reason="stale",
+            )
+        return _replayed(live)  # async: the run as it is now, which is what the rank goes on from
+    if spec.mode == "sync":
+        return workers.gather(ctx, live, rank, request.t, decoded.grads, decoded.digest, decoded.loss)
+    if request.t > state.t:
+        raise StepConflict(f"gradient is for t={request.t}, ahead of the run at t={state.t}", current_t=state.t, reason="ahead")
+    if state.t - request.t > spec.max_staleness:
+        raise StepConflict(
+            f"rank {rank}'s gradient was computed at t={request.t}, {state.t - request.t} steps behind the run at "
+            f"t={state.t} (max_staleness={spec.max_staleness}): resync from GET /runs/{{run}}/params",
+            current_t=state.t,
+            reason="stale",
+        )
+    record = {"contributors": [rank], "dropped": [], "base_t": {str(rank): request.t}, "received": {str(rank): time.time()}}
+    marks = {rank: (request.t, decoded.digest)}
+    # applied as the run's next step, whatever t it was computed at: the order of arrival is the log's
+    outcome = _apply(ctx, snapshots, live, request, decoded, clock, t=state.t, record=record, marks=marks)
+    live.marks.update(marks)
+    return outcome
+
+
+def _replayed(live: Live) -> StepOutcome:
+    state = live.state
+    return StepOutcome(StepResult(t=state.t, lrs=state.lrs), replayed=True, params=state.params(), position=position(live))
+
+
+def _apply(
+    ctx: RunContext,
+    snapshots: Snapshots,
+    live: Live,
+    request: StepRequest,
+    decoded: _Decoded,
+    clock: Clock,
+    *,
+    t: int | None = None,
+    record: dict[str, Any] | None = None,
+    marks: dict[int, tuple[int, str]] | None = None,
+) -> StepOutcome:
+    """One optimizer step of ``decoded`` as the run's step ``t`` (the request's), logged beside it."""
+    state = live.state
+    t = request.t if t is None else t
     # the gradient goes to the log while the optimizer steps: the payload is not the tensors the optimizer is
     # given (those are decoded copies), so both proceed at once and the answer waits for both. A run that logs
     # nothing gives the optimizer the body's own (writable) memory: the aligned gradients are not copied.
@@ -143,10 +197,10 @@ def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepReques
     donate = writer is None and (request.content_type == "json" or (isinstance(payload, memoryview) and not payload.readonly))
     hessians = decoded.hessians if "hessian" in state.entry.needs or decoded.hessians else None
     try:
-        result = ctx.stepper.run(state.apply, decoded.grads, request.t, loss=decoded.loss, donate=donate, hessians=hessians)
+        result = ctx.stepper.run(state.apply, decoded.grads, t, loss=decoded.loss, donate=donate, hessians=hessians)
     except optim_core.StepFailed as exc:
         journal.abort(ctx, writer)
-        live.stale = f"the optimizer failed part way through step t={request.t}"
+        live.stale = f"the optimizer failed part way through step t={t}"
         raise Invalid(f"the optimizer failed on this gradient and nothing was applied: {exc}") from None
     except optim_core.EngineError as exc:
         journal.abort(ctx, writer)
@@ -155,9 +209,10 @@ def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepReques
         journal.abort(ctx, writer)
         raise
     clock.lap("step")
-    journal.commit(ctx, live, writer, kind="step", t=request.t, value=decoded.loss, grad_digest=decoded.digest)
+    journal.commit(
+        ctx, live, writer, kind="step", t=t, value=decoded.loss, grad_digest=decoded.digest, record=record, marks=marks
+    )
     clock.lap("log")  # what the log write adds after the step (it ran beside it)
-    live.last_applied = (request.t, None, decoded.digest)
     if live.durability == "snapshot":
         snapshots.take_if_due(live)  # its durability: before the answer (a log run's comes after it)
     return StepOutcome(result, replayed=False, params=state.params(), position=position(live))
@@ -207,7 +262,12 @@ def _evaluate(
         journal.abort(ctx, writer)
         raise
     clock.lap("step")
-    journal.commit(ctx, live, writer, kind="eval", t=request.t, k=k, value=decoded.loss, grad_digest=decoded.digest)
+    # the step's record once it is done: its evaluations were one worker's
+    done = {"contributors": [0], "dropped": [], "base_t": None, "received": {"0": time.time()}}
+    record = done if isinstance(pending, Done) else None
+    journal.commit(
+        ctx, live, writer, kind="eval", t=request.t, k=k, value=decoded.loss, grad_digest=decoded.digest, record=record
+    )
     clock.lap("log")
     live.last_applied = (request.t, k, decoded.digest)
     result = pending.result if isinstance(pending, Done) else StepResult(t=state.t, lrs=state.lrs)

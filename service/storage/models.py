@@ -62,6 +62,8 @@ class Run(Base):
     last_snapshot_t: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_snapshot_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     state_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")  # parameters, optimizer state, averages
+    # several workers: each rank's last gradient applied, {rank: [t, digest]} (exactly once per rank and t)
+    worker_marks: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
 
@@ -84,6 +86,22 @@ class Event(Base):
     checksum: Mapped[str] = mapped_column(String(64))  # of the parameters after the event
     blob_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class StepRecord(Base):
+    """An applied step, kept for good (the log before a snapshot is pruned): who contributed, who was dropped, when."""
+
+    __tablename__ = "step_record"
+    __table_args__ = (UniqueConstraint("run_id", "t"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), index=True)
+    t: Mapped[int] = mapped_column(BigInteger)  # the step's t: the run's t before it
+    contributors: Mapped[list] = mapped_column(JSON)  # the ranks whose gradients made the step
+    dropped: Mapped[list] = mapped_column(JSON)  # sync: the ranks the step did not wait for
+    base_t: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # async: the t each gradient was computed at
+    received: Mapped[dict] = mapped_column(JSON)  # {rank: seconds since the epoch its gradient arrived}
+    applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Snapshot(Base):

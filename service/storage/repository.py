@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import CompoundSelect, delete, func, insert, select, union, update
 from sqlalchemy.orm import Session
 
-from .models import ApiKey, BlobChunk, Checkpoint, Event, Run, Snapshot
+from .models import ApiKey, BlobChunk, Checkpoint, Event, Run, Snapshot, StepRecord
 
 
 class Repository:
@@ -73,6 +73,20 @@ class Repository:
         dropped = [k for k in keys if k]
         self.session.execute(delete(Event).where(Event.run_id == run_id, Event.seq < seq))
         return dropped
+
+    # ------------------------------------------------------------------ the record of applied steps
+    def add_step_record(self, run_id: int, **fields: Any) -> None:
+        self.session.execute(insert(StepRecord).values(run_id=run_id, **fields))
+
+    def step_records(self, run_id: int, start: int, stop: int | None, limit: int) -> Sequence[StepRecord]:
+        q = select(StepRecord).where(StepRecord.run_id == run_id, StepRecord.t >= start)
+        if stop is not None:
+            q = q.where(StepRecord.t < stop)
+        return self.session.execute(q.order_by(StepRecord.t).limit(limit)).scalars().all()
+
+    def forget_steps_from(self, run_id: int, t: int) -> None:
+        """The records of steps ``t`` and later (a rollback's dropped future)."""
+        self.session.execute(delete(StepRecord).where(StepRecord.run_id == run_id, StepRecord.t >= t))
 
     # ------------------------------------------------------------------ snapshots
     def newest_snapshot(self, run_id: int) -> Snapshot | None:

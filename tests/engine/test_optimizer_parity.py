@@ -10,7 +10,7 @@ import pytest
 import timm.optim
 import torch
 
-from optim_client.remote import _as_torch
+from optim_client.params import as_torch as _as_torch
 from optim_core import EngineError, RunState, SpecError, Unavailable, get_optimizer, list_optimizers
 from optim_core.catalogue import LOOKAHEAD_PREFIX, PROTOCOLS, TORCH_PREFIX
 from optim_format import framing

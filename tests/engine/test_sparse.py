@@ -13,7 +13,7 @@ import timm.optim
 import torch
 from torch import nn
 
-from optim_client.remote import gradient_body
+from optim_client.params import gradient_body
 from optim_core import GradientError, NonFiniteGradient, RunState, get_optimizer, list_optimizers
 from optim_core.catalogue import LOOKAHEAD_PREFIX, PROTOCOLS, TORCH_PREFIX
 from optim_format import FormatError, framing
