@@ -47,6 +47,8 @@ def workers_spec(args: argparse.Namespace) -> dict[str, object]:
     spec: dict[str, object] = {"world_size": args.world_size, "mode": args.mode}
     if args.mode == "sync":
         spec.update(quorum=args.quorum or args.world_size, straggler_timeout_s=args.straggler_timeout)
+    else:
+        spec["max_staleness"] = args.max_staleness
     return spec
 
 
@@ -74,7 +76,9 @@ def train(url: str, run: str, rank: int, world_size: int, args: argparse.Namespa
         x, y = batch(opt.t, rank, args.seed)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
-        opt.step()  # answered once the step of every rank's gradient is applied
+        if rank == args.slow_rank:
+            time.sleep(args.slow_s)  # a straggler (the tests make one)
+        opt.step()  # sync: answered once the step of every rank's gradient is applied
     opt.close()
 
 
@@ -94,6 +98,7 @@ def launch(args: argparse.Namespace, run: str, preempt: bool) -> int:
     command = [sys.executable, __file__, "--worker", "--url", args.url, "--run", run]
     command += ["--steps", str(args.steps), "--seed", str(args.seed), "--mode", args.mode, "--world-size", str(args.world_size)]
     command += ["--quorum", str(args.quorum or 0), "--straggler-timeout", str(args.straggler_timeout)]
+    command += ["--max-staleness", str(args.max_staleness)]
     procs = {rank: subprocess.Popen([*command, "--rank", str(rank)]) for rank in range(args.world_size)}
     kills = args.kills if preempt else 0
     starts = args.world_size
@@ -123,10 +128,13 @@ def main() -> int:
     parser.add_argument("--mode", choices=["sync", "async"], default="sync")
     parser.add_argument("--quorum", type=int, default=0, help="sync: ranks enough once the stragglers' time is up (0: all)")
     parser.add_argument("--straggler-timeout", type=float, default=30.0)
+    parser.add_argument("--max-staleness", type=int, default=4, help="async: steps a gradient may lag the run")
     parser.add_argument("--preempt", action="store_true", help="kill random ranks and compare with an uninterrupted run")
     parser.add_argument("--kills", type=int, default=4)
     parser.add_argument("--run", default=None)
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--slow-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--slow-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tag = args.run or f"ddp-{uuid.uuid4().hex[:8]}"

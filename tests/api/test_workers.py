@@ -33,6 +33,7 @@ STEPS, WORLD = 12, 4
 
 def ddp_args(**changes: Any) -> argparse.Namespace:
     base = {"steps": STEPS, "seed": 0, "world_size": WORLD, "mode": "sync", "quorum": 0, "straggler_timeout": 30.0}
+    base.update(slow_rank=-1, slow_s=0.0, max_staleness=4)
     return argparse.Namespace(**{**base, **changes})
 
 
@@ -40,6 +41,7 @@ def rank_command(url: str, run: str, args: argparse.Namespace, rank: int) -> lis
     command = [sys.executable, str(ROOT / "examples" / "train_ddp.py"), "--worker", "--url", url, "--run", run]
     command += ["--steps", str(args.steps), "--seed", str(args.seed), "--mode", args.mode, "--world-size", str(args.world_size)]
     command += ["--quorum", str(args.quorum), "--straggler-timeout", str(args.straggler_timeout), "--rank", str(rank)]
+    command += ["--slow-rank", str(args.slow_rank), "--slow-s", str(args.slow_s), "--max-staleness", str(args.max_staleness)]
     return command
 
 
