@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from optim_format import FormatError, tree
+from optim_format import FormatError, snapshot, tree
 
 from . import hessian
 from .devices import pick_device
@@ -154,3 +155,20 @@ def nbytes(state: RunState) -> int:
                 seen.add((part.data_ptr(), part.numel()))
                 total += part.numel() * part.element_size()
     return total
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A frozen copy of a RunState (see ``RunState.capture``)."""
+
+    t: int
+    epoch: int
+    meta: Any
+    tensors: dict[str, torch.Tensor]
+
+    def parts(self) -> list[memoryview]:
+        """The snapshot file of the copy, as buffers of its own memory (``optim_format.snapshot.pack_parts``)."""
+        return snapshot.pack_parts(self.meta, self.tensors)
+
+    def digest(self) -> str:
+        return snapshot.digest(self.meta, self.tensors)

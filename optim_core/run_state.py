@@ -37,6 +37,7 @@ from .errors import (
 )
 from .export import MAX_T
 from .params import ParamModule, build_optimizer
+from .persist import Captured
 from .schedulers import Schedule
 from .spec import RunSpec
 
@@ -385,20 +386,3 @@ class RunState:
         allocated (``snapshot.read``'s; safetensors' own are views of a Python buffer, less aligned, and some
         kernels' results depend on alignment)."""
         return persist.load(cls, meta, tensors, device=device, adopt=adopt)
-
-
-@dataclass(frozen=True)
-class Captured:
-    """A frozen copy of a RunState (see ``RunState.capture``)."""
-
-    t: int
-    epoch: int
-    meta: Any
-    tensors: dict[str, torch.Tensor]
-
-    def parts(self) -> list[memoryview]:
-        """The snapshot file of the copy, as buffers of its own memory (``optim_format.snapshot.pack_parts``)."""
-        return snapshot.pack_parts(self.meta, self.tensors)
-
-    def digest(self) -> str:
-        return snapshot.digest(self.meta, self.tensors)
