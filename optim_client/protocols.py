@@ -14,19 +14,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .hessian import hutchinson
 
-if TYPE_CHECKING:
-    from .remote import RemoteOptimizer
-
 MAX_REFUSALS = 8  # evaluations refused in a row (the run moved on under this worker) before giving up
 
 
-def closure_step(opt: RemoteOptimizer, closure: Callable[[], Any] | None) -> Any:
+class Worker(Protocol):
+    """What these protocols need of a worker (``RemoteOptimizer``): where the run is, what it asked for next, a
+    step's request, the way back to the run's parameters, and the model's parameters by name."""
+
+    run: str
+    t: int
+    position: dict[str, str]
+    _by_name: dict[str, torch.Tensor]
+
+    def _send_step(self, params: dict[str, Any], hessians: Any = None) -> bool: ...
+
+    def resync(self) -> None: ...
+
+
+def closure_step(opt: Worker, closure: Callable[[], Any] | None) -> Any:
     """One step of a closure optimizer, as ``torch.optim.LBFGS.step(closure)``: the loss of its first evaluation."""
     if closure is None:
         raise RuntimeError(f"run {opt.run!r} steps by closure evaluations (torch.LBFGS): step(closure) needs a closure")
@@ -54,7 +65,7 @@ def scalar(loss: Any) -> float:
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
-def hessian_estimates(opt: RemoteOptimizer) -> dict[str, torch.Tensor]:
+def hessian_estimates(opt: Worker) -> dict[str, torch.Tensor]:
     """The Hessian-diagonal estimates the run's next step asks for, of the gradients' graph (``create_graph=True``)."""
     if "hessian" not in opt.position or int(json.loads(opt.position["hessian"])["t"]) != opt.t:
         opt.resync()  # the request of this step: from the service's last answer, or asked for now

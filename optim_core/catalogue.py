@@ -20,9 +20,9 @@ import timm.optim
 import torch
 from torch.optim.optimizer import required as _REQUIRED
 
-from .describe import jsonable
 from .devices import DEVICE_TYPES, IMPLEMENTATIONS, default_device_type, implementations_by_device
 from .errors import Unavailable, UnknownName
+from .spec_values import jsonable
 
 TORCH_PREFIX = "torch."
 LOOKAHEAD_PREFIX = "lookahead_"

@@ -30,7 +30,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,8 +44,11 @@ from .errors import (
     StepMismatch,
 )
 from .inputs import nonfinite
-from .run_state import RunState, StepResult
+from .results import StepResult
 from .spec import is_finite_number
+
+if TYPE_CHECKING:
+    from .run_state import RunState
 
 _ABANDON = object()
 

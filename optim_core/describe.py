@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import SpecError
+from .spec_values import jsonable
 
 if TYPE_CHECKING:
     from .spec import RunSpec
@@ -22,23 +23,6 @@ if TYPE_CHECKING:
 _RELATIVE_STEP_NOTES = {
     "timm.optim.adafactor.Adafactor": "relative step size (timm Adafactor, lr=None): computed per parameter at every step",
 }
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` in JSON's types: tuples as lists, dtypes by name, non-finite floats and other objects as their repr."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, (tuple, list)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, torch.Tensor) and value.numel() == 1:  # torch accepts tensor LRs and betas
-        return jsonable(value.item())
-    return repr(value)
 
 
 def group_lr(group: Mapping[str, Any]) -> float | None:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -24,6 +23,7 @@ from optim_format.hessian import HessianRequest
 from . import creation, describe, export, hessian, inputs, persist, sparse
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
+from .closure import ClosureStep
 from .devices import pick_device
 from .errors import (
     GradientError,
@@ -38,22 +38,13 @@ from .errors import (
 from .export import MAX_T
 from .params import ParamModule, build_optimizer
 from .persist import Captured
+from .results import StepResult
 from .schedulers import Schedule
 from .spec import RunSpec
-
-if TYPE_CHECKING:
-    from .closure import ClosureStep
 
 # torch's global generator is process-wide: runs whose optimizer draws from it take turns.
 _GLOBAL_RNG_LOCK = threading.Lock()
 __all__ = ["MAX_T", "Captured", "RunState", "StepResult", "pick_device"]
-
-
-@dataclass(frozen=True)
-class StepResult:
-    t: int
-    lrs: list[float | None]  # None: a group without one LR (RunState.lr_notes says why)
-    skipped: bool = False
 
 
 class RunState:
@@ -218,8 +209,6 @@ class RunState:
 
     def begin_closure_step(self, t: int) -> ClosureStep:
         """Start step ``t`` of a closure optimizer (LBFGS): see ``optim_core.closure.ClosureStep``."""
-        from .closure import ClosureStep  # closure builds on this module
-
         return ClosureStep.begin(self, t)
 
     def hessian_request(self) -> HessianRequest:

@@ -1,5 +1,6 @@
-"""Checks of the JSON values a run spec is made of, each raising a :class:`SpecError` that names the field and the
-bad value; ``optim_core.spec`` builds the spec's dataclasses with them."""
+"""JSON values: the checks of those a run spec is made of, each raising a :class:`SpecError` that names the field
+and the bad value (``optim_core.spec`` builds the spec's dataclasses with them), and any value torch or timm holds
+written in JSON's types (:func:`jsonable`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from .errors import SpecError
 
@@ -116,3 +119,20 @@ def layer_rule(rule: Any) -> dict[str, Any]:
             checked.append((pattern, tuple(ordinal) if ordinal is not None else None))
         out[group] = spec if isinstance(spec, str) else tuple(checked)
     return out
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` in JSON's types: tuples as lists, dtypes by name, non-finite floats and other objects as their repr."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # torch accepts tensor LRs and betas
+        return jsonable(value.item())
+    return repr(value)

@@ -17,8 +17,8 @@ from ..deps import RegistryDep, RunName, SettingsDep, TenantDep
 from ..errors import InvalidPayload, RunNotFound
 from ..payloads import SAFETENSORS, LiveTensorsResponse
 from ..runs import Later, Live, history, lifecycle, stepping, workers
+from ..runs.gather import Pending
 from ..runs.stepping import Clock, StepOutcome, StepRequest
-from ..runs.workers import Pending
 
 router = APIRouter(tags=["steps"])
 BINARY_BODY = {"content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}

@@ -7,7 +7,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -18,9 +18,7 @@ from ..errors import StorageUnavailable
 from ..settings import Settings
 from ..stepper import Stepper
 from ..storage import BlobStore, Database
-
-if TYPE_CHECKING:  # the gather is the workers module's; a Live only holds it
-    from .workers import Gather
+from .gather import Gather
 
 RunKey = tuple[str, str]  # (tenant, run name)
 # the last gradient applied: (t, k, digest), k the evaluation of a closure step (None for a plain step); a retry of

@@ -34,9 +34,9 @@ from optim_core.closure import Done
 from .. import payloads
 from ..errors import Invalid, InvalidPayload, ServiceError, StepConflict, from_engine
 from . import journal, workers
+from .gather import Pending, Sent
 from .live import Live, RunContext, position
 from .snapshots import Snapshots
-from .workers import Pending
 
 
 class Clock:
@@ -105,7 +105,7 @@ def _step(ctx: RunContext, snapshots: Snapshots, live: Live, request: StepReques
         raise Invalid(f"{state.entry.name} steps by closure evaluations: send each one as evaluation k (?k=0, 1, ...)")
     if not closure and request.k is not None:
         raise Invalid(f"{state.entry.name} takes one gradient per step: k is for closure optimizers (torch.LBFGS)")
-    rank = workers.sender_rank(live, workers.Sent(request.rank, request.world_size))
+    rank = workers.sender_rank(live, Sent(request.rank, request.world_size))
     decoded = _decode(live, request)
     clock.lap("decode")
     if rank is not None:

@@ -24,79 +24,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import torch
 
 import optim_core
-from optim_core import StepResult
 from optim_core.inputs import nonfinite
-from optim_core.workers import RankOrderedMean, WorkersSpec
 from optim_format import framing
 
 from .. import payloads
 from ..errors import Invalid, ServiceError, StepConflict, WaitingForWorkers, from_engine
 from . import journal
+from .gather import Answer, Gather, Pending, Sent
 from .live import Live, RunContext, position
 
 # a sync step's requests wait for the other ranks at most this many straggler timeouts (and at least a minute),
 # then answer 503 (the worker's retry joins the same step again: exactly once)
 WAIT_TIMEOUTS = 4
 MIN_WAIT_S = 60.0
-
-
-@dataclass(frozen=True)
-class Sent:
-    """A step's sender as its request says: rank and world size (None for a one-worker run)."""
-
-    rank: int | None = None
-    world_size: int | None = None
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A sync step's answer, the same for every contributing rank: the parameters after it, encoded once."""
-
-    result: StepResult
-    position: dict[str, str]
-    body: memoryview
-
-
-@dataclass
-class Gather:
-    """The gradients of sync step ``t`` so far."""
-
-    t: int
-    workers: WorkersSpec
-    started: float = field(default_factory=time.monotonic)
-    mean: RankOrderedMean = field(init=False)
-    digests: dict[int, str] = field(default_factory=dict)
-    received: dict[int, float] = field(default_factory=dict)  # seconds since the epoch
-    losses: dict[int, float] = field(default_factory=dict)
-    done: Future[Answer] = field(default_factory=Future)
-
-    def __post_init__(self) -> None:
-        self.mean = RankOrderedMean(self.workers.world_size)
-
-    @property
-    def deadline(self) -> float:
-        return self.started + self.workers.straggler_timeout_s
-
-    def ready(self) -> bool:
-        """Every rank has sent, or enough have and the stragglers' time is up."""
-        have = len(self.digests)
-        return have == self.workers.world_size or (have >= self.workers.needed and time.monotonic() >= self.deadline)
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A request waiting for its sync step (see ``wait``)."""
-
-    gather: Gather
-    rank: int
 
 
 def sender_rank(live: Live, sent: Sent) -> int | None:

@@ -1,0 +1,12 @@
+"""What a step of a run answers: the run's new position and the LR of each param group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepResult:
+    t: int
+    lrs: list[float | None]  # None: a group without one LR (RunState.lr_notes says why)
+    skipped: bool = False
