@@ -43,10 +43,12 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", liv
             engine.dispose()
             raise
         db = Database(engine)
+        with db.read("choosing the blob store") as repo:
+            blobs = make_blob_store(cfg, repo)
         ctx = RunContext(
             settings=cfg,
             db=db,
-            blobs=make_blob_store(cfg),
+            blobs=blobs,
             stepper=Stepper(cfg.steppers, cfg.step_threads),
             device=optim_core.pick_device(cfg.device),
         )
@@ -71,7 +73,7 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", liv
             "optim-service ready: device=%s database=%s blobs=%s live memory budget=%d bytes",
             ctx.device,
             cfg.database_url.split("@")[-1],
-            cfg.blob_store,
+            type(blobs).__name__,
             registry.budget,
         )
         try:

@@ -25,8 +25,11 @@ class Settings(BaseSettings):
         "it is answered 503 with Retry-After.",
     )
     data_dir: Path = Field(default=Path("./data"), description="Where the directory blob store and the SQLite file live.")
-    blob_store: Literal["database", "directory"] = Field(
-        default="database", description="Where tensors (step log, snapshots, checkpoints) are kept."
+    blob_store: Literal["auto", "database", "directory"] = Field(
+        default="auto",
+        description="Where tensors (step log, snapshots, checkpoints) are kept: fsync'd files under OPTIM_DATA_DIR/blobs "
+        "(directory), rows of the database (database), or auto: files beside a SQLite database (unless it already "
+        "holds database blobs), rows of a PostgreSQL one (servers sharing it need share no filesystem).",
     )
     # SQLite copies a row twice while it inserts it (the bound blob and the record it builds), so the row size is
     # paid three times over in memory during every log write; 4 MiB rows wrote as fast as 16 MiB ones here and took

@@ -319,7 +319,17 @@ class DirectoryBlobStore:
         return removed
 
 
-def make_blob_store(settings: Settings) -> BlobStore:
-    if settings.blob_store == "directory":
+def blob_store_kind(settings: Settings, repo: Repository) -> str:
+    """``OPTIM_BLOB_STORE`` made concrete. ``auto`` keeps a SQLite database's tensors in files beside it (the way
+    SQLite's own WAL sits beside it: the fast path of one host), unless the database already holds blobs of its
+    own (a deployment that started with ``database`` keeps reading them); a PostgreSQL database keeps them in its
+    rows, so that servers sharing it need share no filesystem."""
+    if settings.blob_store != "auto":
+        return settings.blob_store
+    return "directory" if settings.is_sqlite and not repo.any_chunk() else "database"
+
+
+def make_blob_store(settings: Settings, repo: Repository) -> BlobStore:
+    if blob_store_kind(settings, repo) == "directory":
         return DirectoryBlobStore(settings.blob_dir, spare_bytes=settings.blob_spare_bytes)
     return DatabaseBlobStore(settings.blob_chunk_bytes)

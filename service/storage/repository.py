@@ -169,6 +169,9 @@ class Repository:
         if keys:
             self.session.execute(delete(BlobChunk).where(BlobChunk.blob_key.in_(keys)))
 
+    def any_chunk(self) -> bool:
+        return self.session.execute(select(BlobChunk.blob_key).limit(1)).first() is not None
+
     def chunk_keys(self) -> set[str]:
         return set(self.session.execute(select(BlobChunk.blob_key).distinct()).scalars())
 

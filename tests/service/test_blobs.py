@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,10 @@ from service.settings import Settings
 from service.storage import Database, blobs, make_engine
 from service.storage.blobs import DatabaseBlobStore, DirectoryBlobStore, read_into
 
+from ..reference import make_grads, make_model
 from ..server import DATABASES, database
+from .inprocess import InProcessServer
+from .test_api import new_run, step
 
 # parts around the database store's row size (8 bytes here): inside one row, exactly one, across rows, empty
 PARTS = {
@@ -103,3 +107,43 @@ def test_spares_survive_a_restart_and_are_not_collected(tmp_path: Path) -> None:
         db.close()
     again = DirectoryBlobStore(tmp_path / "blobs")
     assert again._take_spare(100) is not None and again._take_spare(100) is None
+
+
+def _blob_files(data_dir: Path) -> list[Path]:
+    return [p for p in (data_dir / "blobs").rglob("*") if p.is_file() and "spare" not in p.parts]
+
+
+def _chunks(server: Any) -> bool:
+    with server.registry.ctx.db.read("a test") as repo:
+        return bool(repo.any_chunk())
+
+
+@pytest.mark.parametrize("kind", DATABASES)
+def test_the_default_store_is_files_beside_sqlite_and_rows_of_postgresql(tmp_path: Path, kind: str) -> None:
+
+    model = make_model()
+    with database(kind, tmp_path) as url, InProcessServer(url, tmp_path) as server, server.client() as client:
+        name = new_run(client, model)
+        assert step(client, name, 0, make_grads(model, 1)[0]).status_code == 200
+        if kind == "sqlite":
+            assert isinstance(server.registry.ctx.blobs, DirectoryBlobStore)
+            assert _blob_files(tmp_path) and not _chunks(server)
+        else:
+            assert isinstance(server.registry.ctx.blobs, DatabaseBlobStore)
+            assert _chunks(server) and not _blob_files(tmp_path)
+
+
+def test_a_sqlite_database_that_holds_blobs_keeps_them_under_the_default(tmp_path: Path) -> None:
+    """A deployment that started with database blobs, restarted with the default: its runs read as before."""
+
+    model = make_model()
+    with database("sqlite", tmp_path) as url:
+        with InProcessServer(url, tmp_path, blob_store="database") as server, server.client() as client:
+            name = new_run(client, model)
+            assert step(client, name, 0, make_grads(model, 1)[0]).status_code == 200
+            before = client.get(f"/runs/{name}/digest").json()
+        with InProcessServer(url, tmp_path) as server, server.client() as client:
+            assert isinstance(server.registry.ctx.blobs, DatabaseBlobStore)
+            assert client.get(f"/runs/{name}/digest").json() == before
+            assert step(client, name, 1, make_grads(model, 2)[1]).status_code == 200
+        assert not _blob_files(tmp_path)
