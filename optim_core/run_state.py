@@ -287,15 +287,16 @@ class RunState:
         the run's lock)."""
         return snapshot.pack_parts(*self._encoded())
 
-    def capture(self) -> Captured:
+    def capture(self, *, copy: bool = True) -> Captured:
         """A copy of the whole state, cheap enough for the step's path (a memcpy); serialize it later.
 
         The copy is in host memory whatever the run's device: on a GPU, a copy beside the state would take
         the device memory the run needs (CheckFreq's snapshot phase copies to the host too); on the CPU it is
-        a clone."""
+        a clone. ``copy=False``: the state's own tensors, to be written out before anything steps it again."""
         meta, tensors = self._encoded()
-        copies = {k: v.to("cpu", copy=True) for k, v in tensors.items()}
-        return Captured(t=self.t, epoch=self.epoch, meta=meta, tensors=copies)
+        if copy:
+            tensors = {k: v.to("cpu", copy=True) for k, v in tensors.items()}
+        return Captured(t=self.t, epoch=self.epoch, meta=meta, tensors=tensors)
 
     def checksum(self) -> str:
         """A cheap fingerprint of the parameters, checked at every replayed step (``persist.checksum``)."""

@@ -18,6 +18,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -205,6 +206,17 @@ class DatabaseBlobStore:
         return len(dead)
 
 
+@dataclass(frozen=True)
+class Unsynced:
+    """A blob's file written but not yet synced nor renamed to its key (``DirectoryBlobStore.write_unsynced``)."""
+
+    key: str
+    tmp: Path
+    path: Path
+    size: int
+    rewritten: bool  # a spare's blocks rewritten: its data alone needs syncing
+
+
 class DirectoryBlobStore:
     def __init__(self, root: Path, spare_bytes: int = 2 * 1024**3) -> None:
         self.root = root
@@ -225,6 +237,11 @@ class DirectoryBlobStore:
         return self.root / key[:2] / key
 
     def put(self, repo: Repository | None, key: str, parts: Parts) -> int:
+        return self.sync(self.write_unsynced(key, parts))
+
+    def write_unsynced(self, key: str, parts: Parts) -> Unsynced:
+        """The first half of ``put``: ``parts`` written into the blob's file at page cache speed, not yet durable nor
+        named by its key (a snapshot written from the live state under the run's hold, synced after it)."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         views = [memoryview(part).cast("B") for part in parts]
@@ -238,22 +255,34 @@ class DirectoryBlobStore:
                 for view in views:
                     while view:
                         view = view[os.write(fd, view) :]
-                if spare:
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageUnavailable(f"could not write blob {key}: {exc.strerror or exc}") from exc
+        return Unsynced(key=key, tmp=tmp, path=path, size=size, rewritten=spare is not None)
+
+    def sync(self, written: Unsynced) -> int:
+        """The second half of ``put``: the file made durable under its key (the rename too), its size answered."""
+        try:
+            fd = os.open(written.tmp, os.O_RDONLY)
+            try:
+                if written.rewritten:
                     os.fdatasync(fd)
                 else:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
+            os.replace(written.tmp, written.path)
+            dir_fd = os.open(written.path.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)  # the rename itself is durable before the row that names the file commits
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StorageUnavailable(f"could not write blob {key}: {exc.strerror or exc}") from exc
-        return size
+            written.tmp.unlink(missing_ok=True)
+            raise StorageUnavailable(f"could not write blob {written.key}: {exc.strerror or exc}") from exc
+        return written.size
 
     def put_staged(self, db: Database, key: str, parts: Parts) -> int:
         return self.put(None, key, parts)  # a file needs no transaction
