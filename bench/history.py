@@ -8,7 +8,7 @@
 3. the norms on a 10M-parameter AdamW step in this process (100 tensors of 100,000 float32): ``OPTIM_HISTORY_NORMS``
    off, cheap (gradient and parameter norms) and all (and the update norm), interleaved.
 
-    python -m bench.history [--steps 100000] [--repeats 10]
+    python -m bench.history [--steps 100000] [--repeats 10] [--only norms|database]
 """
 
 from __future__ import annotations
@@ -159,12 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--only", choices=["norms", "database"], default=None)
     args = parser.parse_args(argv)
     rows: list[list[str]] = []
-    kinds = ["sqlite"] + (["postgresql"] if pg_available() else [])
-    for kind in kinds:
-        rows += section_database(kind, args.steps, args.repeats)
-    rows += section_norms()
+    if args.only != "database":  # first: after the database sections this process's heap slowed its steps 10x
+        rows += section_norms()
+    if args.only != "norms":
+        for kind in ["sqlite"] + (["postgresql"] if pg_available() else []):
+            rows += section_database(kind, args.steps, args.repeats)
     _show(["database", "what", "ms, median (min–max)", ""], rows)
 
 
