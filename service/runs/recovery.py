@@ -34,7 +34,7 @@ log = logging.getLogger("optim_service")
 
 
 def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Live:
-    started = time.perf_counter()
+    began = time.perf_counter()
     with ctx.db.read(f"looking up run {name!r}") as repo:
         row = repo.run(tenant, name)
         if row is None:
@@ -58,6 +58,7 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
         if not state.digest_matches(snap.digest):
             raise RecoveryFailed(f"run {name!r}: the snapshot at t={snap.t} does not match its recorded digest")
         seq = snap.seq
+        loaded = time.perf_counter()
         closure: ClosureStep | None = None  # a closure step being replayed, evaluation by evaluation
         for ev in events:
             if ev.seq != seq + 1:
@@ -100,17 +101,18 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
             seq = ev.seq
     if row.durability == "log" and (seq != row.seq or state.t != row.t):
         raise RecoveryFailed(f"run {name!r}: the log ends at t={state.t} but the run says t={row.t}")
-    seconds, read = time.perf_counter() - started, snap.size + reader.bytes_read
+    seconds, read = time.perf_counter() - began, snap.size + reader.bytes_read
     ctx.metrics.recovery_seconds.observe(seconds)
     ctx.metrics.recovery_bytes.inc(read)
     ctx.metrics.recovered_events.inc(len(events))
     fields = {"event": "recovery", "run": name, "t": state.t, "snapshot_t": snap.t, "replayed": len(events), "bytes": read}
     log.info(
-        "recovered run %r at t=%d (snapshot t=%d + %d events)",
+        "recovered run %r at t=%d (snapshot t=%d + %d events) in %.2f s",
         name,
         state.t,
         snap.t,
         len(events),
+        seconds,
         extra={**fields, "ms": round(seconds * 1e3, 1)},
     )
     live = Live(
@@ -127,6 +129,9 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
         last_snapshot_t=snap.t,
         rejected_steps=row.rejected_steps,
         marks={int(rank): (int(t), str(digest)) for rank, (t, digest) in (row.worker_marks or {}).items()},
+        recovery_target_s=ctx.settings.recovery_target_s,
+        load_s=loaded - began,
+        replay_s=(time.perf_counter() - loaded) / len(events) if events else 0.0,
     )
     live.measure()
     return live
