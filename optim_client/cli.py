@@ -12,7 +12,7 @@ import plotext
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from .transport import OptimServiceError, Transport, default_url
 
@@ -43,7 +43,9 @@ def _get(url: str | None, token: str | None, path: str, **params: Any) -> Any:
 @runs_app.command("list")
 def runs_list(url: str = URL, token: str = TOKEN) -> None:
     """Every run: t, epoch, LRs, steps/s (over its last 100 steps, from its history), durability, last snapshot."""
-    table = Table("run", "t", "epoch", "lr", "steps/s", "durability", "last snapshot", "live")
+    table = Table("epoch", "lr", "steps/s", "durability", "last snapshot", "live")
+    table.columns.insert(0, Column("t", no_wrap=True))
+    table.columns.insert(0, Column("run", no_wrap=True))  # a name to copy: never broken across lines
     for r in _get(url, token, "/runs")["runs"]:
         snapshot = "none" if r["last_snapshot_t"] is None else f"t={r['last_snapshot_t']}"
         if r.get("last_snapshot_at"):
