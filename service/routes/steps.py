@@ -6,7 +6,7 @@ import io
 from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from schemas import RunPublic
@@ -15,8 +15,9 @@ from .. import payloads
 from ..bodies import content_kind, read_body
 from ..deps import RegistryDep, RunName, SettingsDep, TenantDep
 from ..errors import InvalidPayload, RunNotFound
+from ..logs import note
 from ..payloads import SAFETENSORS, LiveTensorsResponse
-from ..runs import Later, Live, history, lifecycle, stepping, workers
+from ..runs import Later, Live, history, lifecycle, series, stepping, workers
 from ..runs.gather import Pending
 from ..runs.stepping import Clock, StepOutcome, StepRequest
 
@@ -74,8 +75,16 @@ async def step(
     world_size: Annotated[
         int | None, Query(ge=1, le=2**31 - 1, description="Several workers: the world size the sender runs in.")
     ] = None,
+    scalars: Annotated[
+        str | None,
+        Header(
+            alias="Optim-Scalars",
+            description='The step\'s scalars for its history: a JSON object of at most 32 names to finite numbers, {"acc": 0.9}',
+        ),
+    ] = None,
 ) -> Response:
     clock = Clock()
+    sent_scalars = series.parse_scalars(scalars)  # a bad header is a 422 before anything is read
     hasher = payloads.Hasher()  # the gradient's digest, computed while it arrives
     body = await read_body(request, settings.max_body_bytes, hasher)
     clock.lap("receive")
@@ -88,6 +97,7 @@ async def step(
         k=k,
         rank=rank,
         world_size=world_size,
+        scalars=sent_scalars,
     )
     live_answers: bool = request.app.state.live_answers
 
@@ -99,7 +109,13 @@ async def step(
         response = _step_response(outcome, returns, live_answers)
         clock.lap("encode")
         response.headers["Server-Timing"] = clock.header()
+        answered(applied=not outcome.replayed, t=outcome.result.t)
         return response
+
+    def answered(*, applied: bool, t: int) -> None:
+        """The step in /metrics and in its request's log line."""
+        registry.ctx.metrics.step_answered(clock.laps, tenant=tenant, run=run, body_bytes=len(body), applied=applied)
+        note(request.scope, t=t, applied=applied, phases={k: round(v, 2) for k, v in clock.laps.items()})
 
     async def _gathered(pending: Pending) -> Response:
         async def apply_later(t: int) -> None:
@@ -108,6 +124,7 @@ async def step(
         answer = await workers.wait(pending, apply_later)
         clock.lap("gather")  # waiting for the other ranks
         headers = {**_headers(answer.position), "Server-Timing": clock.header()}
+        answered(applied=True, t=answer.result.t)
         if returns == "none":
             return Response(status_code=200, headers=headers)
         return Response(answer.body, media_type=SAFETENSORS, headers=headers)

@@ -15,6 +15,7 @@ from optim_core import RunSpec, RunState
 from optim_core.closure import ClosureStep
 
 from ..errors import StorageUnavailable
+from ..metrics import Metrics
 from ..settings import Settings
 from ..stepper import Stepper
 from ..storage import BlobStore, Database
@@ -77,6 +78,8 @@ class Live:
     gather: Gather | None = None
     stale: str | None = None
     state_bytes: int = 0  # as of the last ``measure``
+    # a snapshot-only run: the history (t, name, value) of its steps since its last snapshot, written with the next
+    unwritten_history: list[tuple[int, str, float | None]] = field(default_factory=list)
     # the recovery time objective (OPTIM_RECOVERY_TARGET_S, 0: off): the seconds one logged event takes to replay
     # (its live step's, or the last recovery's own rate) and reading the newest snapshot took at the last recovery
     recovery_target_s: float = 0.0
@@ -110,6 +113,7 @@ class Live:
         self.state, self.seq = state, seq
         self.last_applied, self.last_snapshot_seq, self.last_snapshot_t = None, seq, state.t
         self.marks = {}
+        self.unwritten_history = []
 
     def close(self) -> None:
         """The run leaves memory (or its state is replaced): a closure step under way ends (its thread with it); its
@@ -139,6 +143,7 @@ class RunContext:
     blobs: BlobStore
     stepper: Stepper
     device: torch.device
+    metrics: Metrics = field(default_factory=Metrics)
     log_writers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=16, thread_name_prefix="log"), repr=False
     )

@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -70,6 +71,9 @@ class Snapshots:
         pending = self._pending.get(run_id)
         return pending is not None and not pending.done()
 
+    def in_flight_count(self) -> int:
+        return sum(1 for pending in list(self._pending.values()) if not pending.done())
+
     def wait(self, run_id: int) -> None:
         """Let a snapshot in flight land (or fail) before the run's history is read or rewritten."""
         pending = self._pending.get(run_id)
@@ -99,7 +103,8 @@ class Snapshots:
             return
         try:
             captured = live.state.capture()
-            future = self._writer.submit(self._write, live, captured, live.seq, described(live.state))
+            history, live.unwritten_history = live.unwritten_history, []
+            future = self._writer.submit(self._write, live, captured, live.seq, described(live.state), history)
         except Exception:
             self._room.release()
             log.exception("capturing run %r at t=%d failed", live.name, live.state.t)
@@ -112,15 +117,18 @@ class Snapshots:
             digest = view.digest()
             unsynced = blobs.write_unsynced(new_key(), view.parts())
             t, seq, facts = view.t, live.seq, described(live.state)
+            history, live.unwritten_history = live.unwritten_history, []
             del view
         except Exception:
             log.exception("writing the snapshot of run %r at t=%d failed", live.name, live.state.t)
             return
 
+        started = time.perf_counter()
+
         def finish() -> None:
             try:
                 size = blobs.sync(unsynced)
-                self._publish(live, unsynced.key, size, digest, t, seq, facts)
+                self._publish(live, unsynced.key, size, digest, t, seq, facts, history, started)
             except Exception:
                 log.exception("snapshot of run %r at t=%d failed", live.name, t)
 
@@ -148,31 +156,46 @@ class Snapshots:
         """Before a run leaves memory (the budget, shutdown): a snapshot-only run writes what it has not."""
         self.wait(live.id)
         if live.durability == "snapshot" and live.seq > live.last_snapshot_seq:
-            self.write(live, live.state.capture(), live.seq, described(live.state))
+            history, live.unwritten_history = live.unwritten_history, []
+            self.write(live, live.state.capture(), live.seq, described(live.state), history)
 
-    def _write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any]) -> None:
+    def _write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any], history: list[Any]) -> None:
         try:
-            self.write(live, captured, seq, facts)
+            self.write(live, captured, seq, facts, history)
         except Exception:
             log.exception("snapshot of run %r at t=%d failed", live.name, captured.t)
 
-    def write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any]) -> None:
-        """Write the captured state, then publish it with ``facts`` (``described`` of the state at the capture),
-        or drop it if the run moved on without it."""
+    def write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any], history: list[Any] | None = None) -> None:
+        """Write the captured state, then publish it with ``facts`` (``described`` of the state at the capture) and
+        (a snapshot-only run) the history of the steps since the last one, or drop it if the run moved on without it."""
+        started = time.perf_counter()
         digest = captured.digest()
         key = new_key()
         # the blob first, outside the transaction: the steps' log records go on while 100s of MB are written
         size = self.ctx.blobs.put_staged(self.ctx.db, key, captured.parts())
-        self._publish(live, key, size, digest, captured.t, seq, facts)
+        self._publish(live, key, size, digest, captured.t, seq, facts, history, started)
 
-    def _publish(self, live: Live, key: str, size: int, digest: str, t: int, seq: int, facts: dict[str, Any]) -> None:
-        """Record the snapshot written under ``key``, prune what it makes unneeded, and describe the run."""
+    def _publish(
+        self,
+        live: Live,
+        key: str,
+        size: int,
+        digest: str,
+        t: int,
+        seq: int,
+        facts: dict[str, Any],
+        history: list[Any] | None,
+        started: float,
+    ) -> None:
+        """Record the snapshot written under ``key`` (with the history a snapshot-only run kept since its last one),
+        prune what it makes unneeded, and describe the run."""
         try:
             with self.ctx.db.write(f"publishing the snapshot of run {live.name!r} at t={t}") as repo:
                 row = repo.run_by_id(live.id)
                 if row is None or (live.durability == "log" and row.seq < seq):
                     raise _Superseded  # deleted, or its history rewritten meanwhile: this state is no longer the run's
                 repo.add_snapshot(live.id, seq=seq, t=t, digest=digest, blob_key=key, size=size)
+                repo.series.add(live.id, history or [])
                 # the event at `seq` stays: it holds the digest a retry of the last step is checked against
                 dropped = repo.prune_events_before(live.id, seq) + repo.prune_snapshots_before(live.id, seq)
                 self.ctx.blobs.delete(repo, dropped)
@@ -189,3 +212,8 @@ class Snapshots:
             raise
         self.ctx.blobs.drop(dropped)
         live.last_snapshot_seq, live.last_snapshot_t = seq, t
+        seconds = time.perf_counter() - started
+        self.ctx.metrics.snapshot_seconds.observe(seconds)
+        self.ctx.metrics.snapshot_bytes.inc(size)
+        fields = {"event": "snapshot", "run": live.name, "t": t, "ms": round(seconds * 1e3, 1), "bytes": size}
+        log.info("snapshot of run %r at t=%d", live.name, t, extra=fields)
