@@ -114,6 +114,8 @@ def commit(
             abort(ctx, writer)
             raise
     live.seq += 1
+    if record is not None:  # a step was applied (a closure step's last evaluation included)
+        live.pace.tick()
 
 
 def _marks_json(marks: dict[int, tuple[int, str]]) -> dict[str, list[Any]]:
