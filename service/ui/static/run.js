@@ -140,6 +140,11 @@ export class RunView {
   async loadHistory(run) {
     const groups = (run.lr || []).length;
     const names = ["loss", ...NORMS.map((n) => n[0]), ...Array.from({ length: groups }, (_, g) => `lr/${g}`)];
+    if (run.t === 0) {
+      this.history = { series: {} }; // nothing applied yet: nothing to ask for
+      this.historyError = null;
+      return;
+    }
     const query = `start=0&stop=${run.t}&points=${this.points()}&names=${names.map(encodeURIComponent).join(",")}`;
     try {
       this.history = await api(runPath(this.name, `/history?${query}`));
