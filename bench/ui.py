@@ -125,7 +125,7 @@ def main() -> None:
             t += 1
 
         def history() -> float:
-            return timed("GET", f"/runs/{watched}/history", start=0, stop=t, points=POINTS, names=NAMES)
+            return timed("GET", f"/runs/{watched}/history", start=0, stop=t, points=POINTS)
 
         ahead = min(5000, max(50, SCHEDULE_END - t))
         kinds = {

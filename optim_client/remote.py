@@ -134,6 +134,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # of the last step, in ms: here (encode, round_trip, write) and the service's Server-Timing
         self.last_timings: dict[str, Any] = {}
         self.scheduler = RemoteScheduler(self)
+        self._scalars: dict[str, float] = {}  # opt.log(...): sent with the next step, for the run's history
         if self.resumed or self.needs:
             self.resync()  # even at t=0: the run's initial parameters, not this process's (and what its next step needs)
             log.info("resumed run %r at t=%d", run, self.t)
@@ -152,15 +153,22 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     p.grad.requires_grad_(False)
                 p.grad.zero_()
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def log(self, scalars: Mapping[str, Any] | None = None, /, **named: Any) -> None:
+        """Scalars for the run's history, sent with the next step (``opt.log(acc=0.9)``, ``opt.log({"val/loss": 1.2})``,
+        as ``wandb.log``): at most 32 names of ``[A-Za-z0-9_./-]``, finite numbers or one-element tensors; a
+        later value of the same name before the step replaces it."""
+        for name, value in {**(scalars or {}), **named}.items():
+            self._scalars[name] = protocols.scalar(value)
+
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
         """One optimizer step: ``.grad`` of every parameter to the service, its answer into the parameters.
 
         ``closure`` as in torch: called once first (its loss is returned and sent), except for closure optimizers
         (``torch.LBFGS``), where the service calls for it as often as torch's step does (``protocols.closure_step``).
+        ``loss`` (a tensor or a float): sent for the run's history (and plateau schedulers) when there is no closure.
         An Adahessian run sends the Hessian estimates of ``loss.backward(create_graph=True)`` beside the gradients."""
         if "closure" in self.needs:
             return protocols.closure_step(self, closure)
-        loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -179,6 +187,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         body = gradient_body(self._by_name, self.wire_dtype, hessians)
         sent = time.perf_counter()
+        headers = {"Optim-Scalars": json.dumps(self._scalars)} if self._scalars else None
         if self._partial:
             log.warning(
                 "the answer to step t=%d was cut off while it was written into the parameters; resyncing to the run "
@@ -188,7 +197,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self.resync()
             return False
         r = self._http.request(
-            "POST", f"/runs/{self.run}/step", body=body, params=params, passthrough=(409,), sink=self._receive_params
+            "POST",
+            f"/runs/{self.run}/step",
+            body=body,
+            params=params,
+            passthrough=(409,),
+            sink=self._receive_params,
+            headers=headers,
         )
         answered = time.perf_counter()
         if r.status_code == 409:
@@ -200,6 +215,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             return False
         self.t = int(r.headers["Optim-T"])
         self._set_lrs(json.loads(r.headers["Optim-LR"]))
+        if "evaluate" not in self.position:  # the step is done (a closure step's evaluations each carry them)
+            self._scalars = {}
         self.last_timings = {
             "encode": (sent - start) * 1e3,
             "round_trip": (answered - sent) * 1e3,

@@ -131,14 +131,15 @@ class Transport:
         retry: bool = True,
         into: Callable[[int], bytearray] | None = None,
         sink: Callable[[http.client.HTTPResponse], None] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Response:
         """Send, retrying connection errors and 5xx with jittered backoff until the deadline
         (only requests that are safe to repeat: ``retry=False`` for the others).
 
         ``into(n)`` gives the buffer a 200 answer of ``n`` bytes is read into (reused by the caller);
-        ``sink(response)`` consumes a 200 answer as a stream (downloads).
+        ``sink(response)`` consumes a 200 answer as a stream (downloads); ``headers``: the request's own.
         """
-        headers: dict[str, str] = {}
+        sent_headers: dict[str, str] = dict(headers or {})
         if json is not None:
             body, content_type = jsonlib.dumps(json).encode(), "application/json"
         send: memoryview | list[memoryview] | None = None
@@ -146,14 +147,14 @@ class Transport:
             # buffers are sent as they are (sendall of each); the length is given, so nothing is chunk-encoded
             send = memoryview(body) if isinstance(body, (bytes, bytearray, memoryview)) else [memoryview(b) for b in body]
             size = sum(b.nbytes for b in send) if isinstance(send, list) else send.nbytes
-            headers = {"Content-Type": content_type, "Content-Length": str(size)}
+            sent_headers.update({"Content-Type": content_type, "Content-Length": str(size)})
         if params:
             path += "?" + urlencode({k: v for k, v in params.items() if v is not None})
         deadline = time.monotonic() + (self.retry_deadline if retry else 0)
         delay = 0.05
         while True:
             try:
-                response = self._exchange(method, path, send, headers, into, sink)
+                response = self._exchange(method, path, send, sent_headers, into, sink)
             except TransportError as exc:
                 if time.monotonic() > deadline:
                     raise

@@ -1,5 +1,6 @@
 """The API's JSON models (pydantic only)."""
 
+from .history import SERIES_NAME_PATTERN, History, Series
 from .runs import (
     AppliedStep,
     AppliedSteps,
@@ -19,6 +20,7 @@ from .runs import (
 from .spec import RunSpecBody
 
 __all__ = [
+    "SERIES_NAME_PATTERN",
     "AppliedStep",
     "AppliedSteps",
     "CheckpointCreate",
@@ -26,6 +28,7 @@ __all__ = [
     "CheckpointPublic",
     "ErrorBody",
     "Fork",
+    "History",
     "Rollback",
     "RunCreate",
     "RunList",
@@ -34,4 +37,5 @@ __all__ = [
     "SchedulePreview",
     "SchedulePublic",
     "ScheduleStep",
+    "Series",
 ]

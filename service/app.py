@@ -19,7 +19,7 @@ from schemas import RunCreate
 
 from .auth import LOCAL_TENANT, is_loopback
 from .errors import ServiceError, from_engine
-from .routes import checkpoints, health, runs, schedule, steps, ui
+from .routes import checkpoints, health, history, runs, schedule, steps, ui
 from .runs import RunContext, RunRegistry, Snapshots
 from .settings import Settings
 from .stepper import Stepper
@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", liv
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": "HTTPError", "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    for module in (health, runs, steps, schedule, checkpoints, ui):
+    for module in (health, runs, steps, schedule, checkpoints, history, ui):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     step_threads: int = Field(
         default=0, ge=0, le=4096, description="OpenMP threads of each stepper; 0: every core the process may run on."
     )
+    history_norms: Literal["all", "cheap", "off"] = Field(
+        default="cheap",
+        description="Norms each step's history records: all (gradient, update and parameter norms), cheap (no update "
+        "norm: it needs a copy of the parameters before the step) or off. README: what each costs.",
+    )
     tune_allocator: bool = Field(
         default=True, description="Keep large blocks in glibc's heap (mallopt) so each step reuses warm memory."
     )

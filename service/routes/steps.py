@@ -6,7 +6,7 @@ import io
 from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from schemas import RunPublic
@@ -16,7 +16,7 @@ from ..bodies import content_kind, read_body
 from ..deps import RegistryDep, RunName, SettingsDep, TenantDep
 from ..errors import InvalidPayload, RunNotFound
 from ..payloads import SAFETENSORS, LiveTensorsResponse
-from ..runs import Later, Live, history, lifecycle, stepping, workers
+from ..runs import Later, Live, history, lifecycle, series, stepping, workers
 from ..runs.gather import Pending
 from ..runs.stepping import Clock, StepOutcome, StepRequest
 
@@ -74,8 +74,16 @@ async def step(
     world_size: Annotated[
         int | None, Query(ge=1, le=2**31 - 1, description="Several workers: the world size the sender runs in.")
     ] = None,
+    scalars: Annotated[
+        str | None,
+        Header(
+            alias="Optim-Scalars",
+            description='The step\'s scalars for its history: a JSON object of at most 32 names to finite numbers, {"acc": 0.9}',
+        ),
+    ] = None,
 ) -> Response:
     clock = Clock()
+    sent_scalars = series.parse_scalars(scalars)  # a bad header is a 422 before anything is read
     hasher = payloads.Hasher()  # the gradient's digest, computed while it arrives
     body = await read_body(request, settings.max_body_bytes, hasher)
     clock.lap("receive")
@@ -88,6 +96,7 @@ async def step(
         k=k,
         rank=rank,
         world_size=world_size,
+        scalars=sent_scalars,
     )
     live_answers: bool = request.app.state.live_answers
 

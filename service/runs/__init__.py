@@ -5,6 +5,7 @@
 - ``stepping``: the exactly-once step; ``journal``: its durable record;
 - ``snapshots``: the full state now and then; ``recovery``: the state again from the database;
 - ``history``: checkpoints, rollback, load, fork;
+- ``series``: the per-step history (loss, LRs, norms, scalars) and its downsampled read;
 - ``workers``: several workers on a run: sync gathers, async staleness, exactly once per (rank, t).
 """
 

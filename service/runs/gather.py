@@ -40,6 +40,7 @@ class Gather:
     digests: dict[int, str] = field(default_factory=dict)
     received: dict[int, float] = field(default_factory=dict)  # seconds since the epoch
     losses: dict[int, float] = field(default_factory=dict)
+    scalars: dict[int, dict[str, float]] = field(default_factory=dict)  # each rank's Optim-Scalars
     done: Future[Answer] = field(default_factory=Future)
 
     def __post_init__(self) -> None:

@@ -100,6 +100,7 @@ def _reset(ctx: RunContext, live: Live, state: RunState, *, seq: int) -> Live:
     with ctx.db.write(f"replacing the state of run {live.name!r}") as repo:
         dropped = repo.clear_history(live.id)
         repo.forget_steps_from(live.id, state.t)  # the steps after it are no longer the run's
+        repo.series.forget_from(live.id, state.t)  # nor their history
         size = ctx.blobs.put(repo, key, parts)
         repo.add_snapshot(live.id, seq=seq, t=state.t, digest=digest, blob_key=key, size=size)
         repo.update_run(live.id, **facts, seq=seq, last_snapshot_t=state.t, last_snapshot_at=_now(), worker_marks=None)

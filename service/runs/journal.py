@@ -75,9 +75,15 @@ def commit(
     k: int | None = None,
     record: dict[str, Any] | None = None,
     marks: dict[int, tuple[int, str]] | None = None,
+    history: list[tuple[str, float | None]] | None = None,
 ) -> None:
     """Make the event just applied durable (a run that logs its steps), and count it. ``record``: the applied
-    step's contributors (``storage.models.StepRecord``); ``marks``: the ranks' last applied gradients."""
+    step's contributors (``storage.models.StepRecord``); ``marks``: the ranks' last applied gradients;
+    ``history``: the applied step's values by name (``series.sample``), written with its record, or by a
+    snapshot-only run with its next snapshot."""
+    rows = [(t, name, value) for name, value in history or ()]
+    if writer is None and rows and live.durability == "snapshot":
+        live.unwritten_history.extend(rows)
     if writer is not None:
         state = live.state
         event = {
@@ -97,6 +103,7 @@ def commit(
                 repo.add_event(live.id, **event)
                 if record is not None:
                     repo.add_step_record(live.id, t=t, applied_at=datetime.now(UTC), **record)
+                repo.series.add(live.id, rows)
                 extra = {"worker_marks": _marks_json({**live.marks, **marks})} if marks else {}
                 repo.update_run(
                     live.id,

@@ -99,6 +99,8 @@ class Live:
     gather: Gather | None = None
     stale: str | None = None
     state_bytes: int = 0  # as of the last ``measure``
+    # a snapshot-only run: the history (t, name, value) of its steps since its last snapshot, written with the next
+    unwritten_history: list[tuple[int, str, float | None]] = field(default_factory=list)
     loaded_at: float = field(default_factory=time.monotonic)
     pace: Pace = field(default_factory=Pace)
 
@@ -117,6 +119,7 @@ class Live:
         self.state, self.seq = state, seq
         self.last_applied, self.last_snapshot_seq, self.last_snapshot_t = None, seq, state.t
         self.marks = {}
+        self.unwritten_history = []
 
     def close(self) -> None:
         """The run leaves memory (or its state is replaced): a closure step under way ends (its thread with it); its

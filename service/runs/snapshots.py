@@ -88,7 +88,8 @@ class Snapshots:
             return
         try:
             captured = live.state.capture()
-            future = self._writer.submit(self._write, live, captured, live.seq, described(live.state))
+            history, live.unwritten_history = live.unwritten_history, []
+            future = self._writer.submit(self._write, live, captured, live.seq, described(live.state), history)
         except Exception:
             self._room.release()
             log.exception("capturing run %r at t=%d failed", live.name, live.state.t)
@@ -113,17 +114,18 @@ class Snapshots:
         """Before a run leaves memory (the budget, shutdown): a snapshot-only run writes what it has not."""
         self.wait(live.id)
         if live.durability == "snapshot" and live.seq > live.last_snapshot_seq:
-            self.write(live, live.state.capture(), live.seq, described(live.state))
+            history, live.unwritten_history = live.unwritten_history, []
+            self.write(live, live.state.capture(), live.seq, described(live.state), history)
 
-    def _write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any]) -> None:
+    def _write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any], history: list[Any]) -> None:
         try:
-            self.write(live, captured, seq, facts)
+            self.write(live, captured, seq, facts, history)
         except Exception:
             log.exception("snapshot of run %r at t=%d failed", live.name, captured.t)
 
-    def write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any]) -> None:
-        """Write the captured state, then publish it with ``facts`` (``described`` of the state at the capture),
-        or drop it if the run moved on without it."""
+    def write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any], history: list[Any] | None = None) -> None:
+        """Write the captured state, then publish it with ``facts`` (``described`` of the state at the capture) and
+        (a snapshot-only run) the history of the steps since the last one, or drop it if the run moved on without it."""
         digest = captured.digest()
         key = new_key()
         # the blob first, outside the transaction: the steps' log records go on while 100s of MB are written
@@ -134,6 +136,7 @@ class Snapshots:
                 if row is None or (live.durability == "log" and row.seq < seq):
                     raise _Superseded  # deleted, or its history rewritten meanwhile: this state is no longer the run's
                 repo.add_snapshot(live.id, seq=seq, t=captured.t, digest=digest, blob_key=key, size=size)
+                repo.series.add(live.id, history or [])
                 # the event at `seq` stays: it holds the digest a retry of the last step is checked against
                 dropped = repo.prune_events_before(live.id, seq) + repo.prune_snapshots_before(live.id, seq)
                 self.ctx.blobs.delete(repo, dropped)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,10 +30,11 @@ import torch
 import optim_core
 from optim_core import StepResult
 from optim_core.closure import Done
+from optim_core.norms import measured, total_norm
 
 from .. import payloads
 from ..errors import Invalid, InvalidPayload, ServiceError, StepConflict, from_engine
-from . import journal, workers
+from . import journal, series, workers
 from .gather import Pending, Sent
 from .live import Live, RunContext, position
 from .snapshots import Snapshots
@@ -50,6 +51,10 @@ class Clock:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + (now - self._last) * 1e3
         self._last = now
+
+    def elapsed(self) -> float:
+        """Milliseconds since the request started, to the last lap."""
+        return sum(self.laps.values())
 
     def header(self) -> str:
         return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.laps.items())
@@ -68,6 +73,7 @@ class StepRequest:
     k: int | None = None
     rank: int | None = None
     world_size: int | None = None
+    scalars: dict[str, float] = field(default_factory=dict)  # the worker's, for the step's history (Optim-Scalars)
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ def _from_rank(
             )
         return _replayed(live)  # async: the run as it is now, which is what the rank goes on from
     if spec.mode == "sync":
-        return workers.gather(ctx, live, rank, request.t, decoded.grads, decoded.digest, decoded.loss)
+        return workers.gather(ctx, live, rank, request.t, decoded.grads, decoded.digest, decoded.loss, request.scalars)
     if request.t > state.t:
         raise StepConflict(f"gradient is for t={request.t}, ahead of the run at t={state.t}", current_t=state.t, reason="ahead")
     if state.t - request.t > spec.max_staleness:
@@ -196,8 +202,14 @@ def _apply(
     payload = decoded.payload
     donate = writer is None and (request.content_type == "json" or (isinstance(payload, memoryview) and not payload.readonly))
     hessians = decoded.hessians if "hessian" in state.entry.needs or decoded.hessians else None
+    lrs = state.lrs  # the LRs this step is applied with (the scheduler steps after it)
+
+    def apply() -> StepResult:
+        return state.apply(decoded.grads, t, loss=decoded.loss, donate=donate, hessians=hessians)
+
     try:
-        result = ctx.stepper.run(state.apply, decoded.grads, t, loss=decoded.loss, donate=donate, hessians=hessians)
+        grads, params = list(decoded.grads.values()), list(state.params().values())
+        result, norms = ctx.stepper.run(measured, apply, grads, params, ctx.settings.history_norms)
     except optim_core.StepFailed as exc:
         journal.abort(ctx, writer)
         live.stale = f"the optimizer failed part way through step t={t}"
@@ -209,8 +221,18 @@ def _apply(
         journal.abort(ctx, writer)
         raise
     clock.lap("step")
+    history = series.sample(loss=decoded.loss, lrs=lrs, norms=norms, scalars=request.scalars, step_ms=clock.elapsed())
     journal.commit(
-        ctx, live, writer, kind="step", t=t, value=decoded.loss, grad_digest=decoded.digest, record=record, marks=marks
+        ctx,
+        live,
+        writer,
+        kind="step",
+        t=t,
+        value=decoded.loss,
+        grad_digest=decoded.digest,
+        record=record,
+        marks=marks,
+        history=history,
     )
     clock.lap("log")  # what the log write adds after the step (it ran beside it)
     if live.durability == "snapshot":
@@ -248,6 +270,7 @@ def _evaluate(
             reason="evaluation",
         )
     writer = journal.begin(ctx, live, decoded.payload)
+    lrs = state.lrs  # before the step: its scheduler steps when the step is done
     try:
         pending = ctx.stepper.run(live.closure.provide, k, decoded.loss, decoded.grads)
     except optim_core.StepFailed as exc:
@@ -264,9 +287,24 @@ def _evaluate(
     clock.lap("step")
     # the step's record once it is done: its evaluations were one worker's
     done = {"contributors": [0], "dropped": [], "base_t": None, "received": {"0": time.time()}}
-    record = done if isinstance(pending, Done) else None
+    record, history = None, None
+    if isinstance(pending, Done):  # the step's history: the loss torch's step returned (evaluation 0's)
+        norms = (
+            {} if ctx.settings.history_norms == "off" else {"param_norm": ctx.stepper.run(total_norm, state.params().values())}
+        )
+        record = done
+        history = series.sample(loss=pending.loss, lrs=lrs, norms=norms, scalars=request.scalars, step_ms=clock.elapsed())
     journal.commit(
-        ctx, live, writer, kind="eval", t=request.t, k=k, value=decoded.loss, grad_digest=decoded.digest, record=record
+        ctx,
+        live,
+        writer,
+        kind="eval",
+        t=request.t,
+        k=k,
+        value=decoded.loss,
+        grad_digest=decoded.digest,
+        record=record,
+        history=history,
     )
     clock.lap("log")
     live.last_applied = (request.t, k, decoded.digest)

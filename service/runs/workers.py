@@ -22,6 +22,7 @@ send them again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,11 +32,12 @@ import torch
 
 import optim_core
 from optim_core.inputs import nonfinite
+from optim_core.norms import measured
 from optim_format import framing
 
 from .. import payloads
 from ..errors import Invalid, ServiceError, StepConflict, WaitingForWorkers, from_engine
-from . import journal
+from . import journal, series
 from .gather import Answer, Gather, Pending, Sent
 from .live import Live, RunContext, position
 
@@ -86,7 +88,14 @@ def repeated(live: Live, rank: int, t: int, digest: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- sync
 def gather(
-    ctx: RunContext, live: Live, rank: int, t: int, grads: dict[str, torch.Tensor], digest: str, loss: float | None
+    ctx: RunContext,
+    live: Live,
+    rank: int,
+    t: int,
+    grads: dict[str, torch.Tensor],
+    digest: str,
+    loss: float | None,
+    scalars: dict[str, float],
 ) -> Pending:
     """Rank ``rank``'s gradient for sync step ``t``, under the run's write hold: added to the step (or, from a
     retry, found there), and the step applied if that made it ready."""
@@ -114,6 +123,7 @@ def gather(
     current.digests[rank], current.received[rank] = digest, time.time()
     if loss is not None:
         current.losses[rank] = loss
+    current.scalars[rank] = scalars
     if current.ready():
         apply(ctx, live)
     return Pending(current, rank)
@@ -136,14 +146,30 @@ def apply(ctx: RunContext, live: Live) -> None:
             hasher.update(part)
         digest = hasher.hexdigest()
         writer = journal.begin(ctx, live, parts)  # the log writer reads the mean; the optimizer steps on its copy
+        lrs = state.lrs
         try:
-            result = ctx.stepper.run(state.apply, grads, current.t, loss=loss)
+            step = functools.partial(state.apply, grads, current.t, loss=loss)
+            mode = ctx.settings.history_norms
+            result, norms = ctx.stepper.run(measured, step, list(grads.values()), list(state.params().values()), mode)
         except BaseException:
             journal.abort(ctx, writer)
             raise
         marks = {r: (current.t, current.digests[r]) for r in contributors}
         record = step_record(current, contributors, current.workers.world_size)
-        journal.commit(ctx, live, writer, kind="step", t=current.t, value=loss, grad_digest=digest, record=record, marks=marks)
+        step_ms = (time.monotonic() - current.started) * 1e3  # from the first rank's gradient
+        history = series.sample(loss=loss, lrs=lrs, norms=norms, scalars=mean_scalars(current, contributors), step_ms=step_ms)
+        journal.commit(
+            ctx,
+            live,
+            writer,
+            kind="step",
+            t=current.t,
+            value=loss,
+            grad_digest=digest,
+            record=record,
+            marks=marks,
+            history=history,
+        )
         live.marks.update(marks)
         where = position(live)
         answer = Answer(result=result, position=where, body=payloads.encode(state.params(), where))
@@ -159,6 +185,15 @@ def apply(ctx: RunContext, live: Live) -> None:
         current.done.set_exception(exc if isinstance(exc, ServiceError) else RuntimeError(str(exc)))
         raise
     current.done.set_result(answer)
+
+
+def mean_scalars(current: Gather, contributors: list[int]) -> dict[str, float]:
+    """Each scalar the contributing ranks sent, averaged over those that sent it (as their losses are)."""
+    sent: dict[str, list[float]] = {}
+    for r in contributors:
+        for name, value in current.scalars.get(r, {}).items():
+            sent.setdefault(name, []).append(value)
+    return {name: sum(values) / len(values) for name, values in sent.items()}
 
 
 def apply_if_ready(ctx: RunContext, live: Live, t: int) -> None:

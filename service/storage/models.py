@@ -104,6 +104,34 @@ class StepRecord(Base):
     applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class HistoryValue(Base):
+    """One value of an applied step's history (``GET /runs/{run}/history``): its loss, an LR, a norm, its latency,
+    its wall time or a worker's scalar, by name; null when it was not finite (a skipped step's gradient norm)."""
+
+    __tablename__ = "history_value"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), primary_key=True)
+    t: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # the step's t: the run's t before it
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class HistoryBlock(Base):
+    """The values of one name over a block of ``storage.series.BLOCK`` steps, aggregated when the block's last step
+    is recorded, so a long run's history is downsampled from these rows instead of every step's."""
+
+    __tablename__ = "history_block"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), primary_key=True)
+    block_t: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # the block's first step
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    min: Mapped[float | None] = mapped_column(Float, nullable=True)  # of the finite values
+    max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sum: Mapped[float | None] = mapped_column(Float, nullable=True)
+    count: Mapped[int] = mapped_column(Integer)  # values recorded
+    finite: Mapped[int] = mapped_column(Integer)  # of which finite
+
+
 class Snapshot(Base):
     """A full RunState after ``seq`` events: the base that recovery replays the log onto."""
 

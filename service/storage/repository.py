@@ -11,11 +11,13 @@ from sqlalchemy import CompoundSelect, delete, func, insert, select, union, upda
 from sqlalchemy.orm import Session
 
 from .models import ApiKey, BlobChunk, Checkpoint, Event, Run, Snapshot, StepRecord
+from .series import SeriesRepository
 
 
 class Repository:
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.series = SeriesRepository(session)  # the per-step history's statements (storage/series.py)
 
     # ------------------------------------------------------------------ runs
     def run(self, tenant: str, name: str) -> Run | None:
@@ -40,7 +42,7 @@ class Repository:
         self.session.execute(update(Run).where(Run.id == run_id).values(**values, updated_at=datetime.now(UTC)))
 
     def delete_run(self, run_id: int) -> None:
-        # events, snapshots and checkpoints go with it (ON DELETE CASCADE)
+        # events, snapshots, checkpoints and the history go with it (ON DELETE CASCADE)
         self.session.execute(delete(Run).where(Run.id == run_id))
 
     # ------------------------------------------------------------------ the log

@@ -22,7 +22,6 @@ import torch
 from optim_client import RemoteOptimizer
 
 from ..browser import Watched, chromium, open_page, require_chromium, screenshot
-from ..reference import make_model
 from ..server import Server, database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,18 +31,21 @@ TIMEOUT_MS = 20_000
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server with run ``ui-demo``: 60 steps of AdamW with its losses, a cosine schedule, checkpoint ``half`` at t=30."""
+    """A server with run ``ui-demo``: 60 steps of AdamW (two groups: no weight decay for biases) with their losses, a
+    cosine schedule, checkpoint ``half`` at t=30."""
     require_chromium()
     tmp = tmp_path_factory.mktemp("ui")
     with database("sqlite", tmp) as url:
-        server = Server(url, tmp, blob_store="directory").start()
-        model = make_model()
+        server = Server(url, tmp, blob_store="directory", env={"OPTIM_HISTORY_NORMS": "all"}).start()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
         opt = RemoteOptimizer(
             model.named_parameters(),
             url=server.base,
             run="ui-demo",
             optimizer="adamw",
             lr=0.01,
+            weight_decay=0.05,
             scheduler={"name": "cosine", "num_epochs": 200, "warmup_epochs": 10, "warmup_lr": 1e-4},
         )
         g = torch.Generator().manual_seed(0)
@@ -84,16 +86,19 @@ def test_the_run_page_draws_the_run_and_acts_on_its_checkpoints(trained: Server,
         history = api.get("/runs/ui-demo/history", params={"start": 0, "stop": STEPS, "points": 1000, "names": "loss"}).json()
         assert loss["x"] == history["series"]["loss"]["t"]
         assert loss["lines"]["loss"]["values"] == pytest.approx(history["series"]["loss"]["mean"])
+        for norm in ("grad_norm", "update_norm", "param_norm", "step_ms"):
+            assert _chart(w, norm)["points"] == STEPS, norm
         # the LR: the past solid, the scheduler's preview dashed from t onwards, past it
         lr = page.locator('figure[data-chart="lr"]')
         assert int(lr.get_attribute("data-points") or 0) == STEPS
         assert int(lr.get_attribute("data-dashed-from") or -1) == STEPS
         assert int(lr.get_attribute("data-dashed-to") or 0) > STEPS
         drawn = _chart(w, "lr")["lines"]
-        assert drawn["group 0 ahead"]["dashed"] and not drawn["group 0"]["dashed"]
         preview = api.get("/runs/ui-demo/schedule/preview", params={"steps": 5}).json()["lr"]
-        ahead = [v for v in drawn["group 0 ahead"]["values"] if v is not None]
-        assert ahead[1] == pytest.approx(preview[0][0])
+        for group in (0, 1):  # weight decay on, so biases are a group of their own
+            assert drawn[f"group {group} ahead"]["dashed"] and not drawn[f"group {group}"]["dashed"]
+            ahead = [v for v in drawn[f"group {group} ahead"]["values"] if v is not None]
+            assert ahead[1] == pytest.approx(preview[0][group])
         screenshot(page, tmp_path / "run.png")
         if os.environ.get("OPTIM_UI_SCREENSHOT") == "1":
             page.screenshot(path=str(ROOT / "docs" / "ui-run.png"))

@@ -68,9 +68,9 @@ export class Chart {
         const lower = data.length;
         data.push(line.band[0], line.values, line.band[1]);
         series.push(
-          { label: `${line.label} min`, stroke: fade(stroke, 0.35), width: 1, value: (u, v) => formatValue(v) },
+          { label: `${line.label} min`, class: "band-edge", stroke: fade(stroke, 0.35), width: 1, value: (u, v) => formatValue(v) },
           { label: line.label, stroke, width: 1.5, dash: line.dash, value: (u, v) => formatValue(v) },
-          { label: `${line.label} max`, stroke: fade(stroke, 0.35), width: 1, value: (u, v) => formatValue(v) },
+          { label: `${line.label} max`, class: "band-edge", stroke: fade(stroke, 0.35), width: 1, value: (u, v) => formatValue(v) },
         );
         bands.push({ series: [lower + 2, lower], fill: fade(stroke, 0.15) });
       } else {

@@ -16,7 +16,8 @@ const NORMS = [
   ["param_norm", "Parameter norm", ""],
   ["step_ms", "Step latency", "ms"],
 ];
-const KNOWN = new Set(["loss", ...NORMS.map((n) => n[0])]);
+// the service's own series (the rest are the worker's scalars); "time" (wall clock) is not drawn
+const KNOWN = new Set(["loss", "time", ...NORMS.map((n) => n[0])]);
 
 // how far ahead the LR is previewed: to the schedule's end when the spec says where that is
 function aheadOf(run) {
@@ -138,14 +139,13 @@ export class RunView {
   }
 
   async loadHistory(run) {
-    const groups = (run.lr || []).length;
-    const names = ["loss", ...NORMS.map((n) => n[0]), ...Array.from({ length: groups }, (_, g) => `lr/${g}`)];
     if (run.t === 0) {
       this.history = { series: {} }; // nothing applied yet: nothing to ask for
       this.historyError = null;
       return;
     }
-    const query = `start=0&stop=${run.t}&points=${this.points()}&names=${names.map(encodeURIComponent).join(",")}`;
+    // every name: the service's series and the worker's scalars (at most 32), each at most points= buckets
+    const query = `start=0&stop=${run.t}&points=${this.points()}`;
     try {
       this.history = await api(runPath(this.name, `/history?${query}`));
       this.historyError = null;
@@ -169,7 +169,8 @@ export class RunView {
     const missing = this.historyError ? `history unavailable: ${this.historyError}` : "";
     const band = (key, label, chart) => {
       const s = series[key];
-      chart.message(s ? "" : missing || `no ${label} recorded`);
+      const off = key === "update_norm" ? " (the service records it with OPTIM_HISTORY_NORMS=all)" : "";
+      chart.message(s ? "" : missing || `no ${label} recorded${off}`);
       const parts = s ? [{ label, x: s.t, values: s.mean, band: [s.min, s.max], color: color(0) }] : [];
       const { x, lines } = align(parts.length ? parts : [{ label, x: [], values: [] }]);
       chart.set(x, lines);
