@@ -1,11 +1,12 @@
 """What the web view's polling costs the server, with ~50 runs.
 
-    .venv/bin/python bench/ui.py                 # 50 runs of 300 steps, 20 polls of each kind (~2 min)
-    .venv/bin/python bench/ui.py --runs 10 --steps 100 --polls 5
+    .venv/bin/python bench/ui.py                 # 50 runs, the watched one at 1000 steps, 20 polls of each kind (~3 min)
+    .venv/bin/python bench/ui.py --runs 10 --steps 10 --watched-steps 200 --polls 5
 
 A real server on a fresh SQLite database (blobs in files beside it) gets ``--runs`` runs (AdamW, a cosine
-schedule, ``--steps`` steps with their loss, a checkpoint each); one of them is stepped on between polls, as a
-live run is. Then each kind of poll the page makes is repeated ``--polls`` times, as the page sends it
+schedule, ``--steps`` steps with their loss, a checkpoint each); one of them, the page's, has ``--watched-steps``
+and is stepped on between polls, as a live run is (its step's background work is let settle for 0.2 s first: the
+page polls every 2 s). Then each kind of poll the page makes is repeated ``--polls`` times, as the page sends it
 (``service/ui/static/run.js``, ``runs.js``): its requests' median wall time on this machine's loopback, min and
 max, and the server process's CPU time per poll (``/proc/PID/stat``: what the poll costs the service, whatever
 else the machine does).
@@ -35,7 +36,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from servers import service  # noqa: E402
 
-NAMES = "loss,grad_norm,update_norm,param_norm,step_ms,lr/0,lr/1"
 POINTS = 640  # the loss chart's width in CSS pixels at a 1360 px wide window: the page's points=
 SCHEDULE_END = 5000  # the cosine's num_epochs: the page previews to the schedule's end (at most 5000 steps)
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -95,7 +95,8 @@ def measure(pid: int, polls: int, poll: Callable[[], list[float]], between: Call
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=300, help="steps of each run (history rows)")
+    parser.add_argument("--steps", type=int, default=20, help="steps of each run (history rows)")
+    parser.add_argument("--watched-steps", type=int, default=1000, help="steps of the run whose page polls")
     parser.add_argument("--polls", type=int, default=20)
     args = parser.parse_args()
 
@@ -104,12 +105,12 @@ def main() -> None:
         pid = server.proc.pid
         names = [f"run-{i:03d}" for i in range(args.runs)]
         setup = time.perf_counter()
-        for name in names:
+        for i, name in enumerate(names):
             create(client, name)
-            for t in range(args.steps):
+            for t in range(args.watched_steps if i == 0 else args.steps):
                 step(client, name, t)
             client.post(f"/runs/{name}/checkpoints", json={"name": "ckpt"}).raise_for_status()
-        print(f"{args.runs} runs of {args.steps} steps set up in {time.perf_counter() - setup:.0f} s")
+        print(f"{args.runs} runs set up in {time.perf_counter() - setup:.0f} s")
         watched = names[0]
         t = client.get(f"/runs/{watched}").json()["t"]
 
@@ -123,6 +124,7 @@ def main() -> None:
             nonlocal t
             step(client, watched, t)
             t += 1
+            time.sleep(0.2)
 
         def history() -> float:
             return timed("GET", f"/runs/{watched}/history", start=0, stop=t, points=POINTS)

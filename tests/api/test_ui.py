@@ -31,8 +31,8 @@ TIMEOUT_MS = 20_000
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server with run ``ui-demo``: 60 steps of AdamW (two groups: no weight decay for biases) with their losses, a
-    cosine schedule, checkpoint ``half`` at t=30."""
+    """A server with run ``ui-demo``: 60 steps of AdamW (two groups: no weight decay for biases) with their losses and
+    a scalar, a cosine schedule, checkpoint ``half`` at t=30."""
     require_chromium()
     tmp = tmp_path_factory.mktemp("ui")
     with database("sqlite", tmp) as url:
@@ -56,6 +56,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
+            opt.log(accuracy=float((model(x).argmax(1) == y.argmax(1)).float().mean()))  # a worker's scalar
             opt.step(loss=loss)
         opt.close()
         yield server
@@ -88,6 +89,8 @@ def test_the_run_page_draws_the_run_and_acts_on_its_checkpoints(trained: Server,
         assert loss["lines"]["loss"]["values"] == pytest.approx(history["series"]["loss"]["mean"])
         for norm in ("grad_norm", "update_norm", "param_norm", "step_ms"):
             assert _chart(w, norm)["points"] == STEPS, norm
+        scalars = _chart(w, "scalars")
+        assert scalars["points"] == STEPS and list(scalars["lines"]) == ["accuracy"]
         # the LR: the past solid, the scheduler's preview dashed from t onwards, past it
         lr = page.locator('figure[data-chart="lr"]')
         assert int(lr.get_attribute("data-points") or 0) == STEPS
