@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest request body accepted (413 beyond).")
     default_snapshot_every: int = Field(default=100, ge=1, description="Snapshot interval of runs that do not set one.")
+    recovery_target_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Recovery time objective of runs that log their steps: a snapshot is taken whenever reading the "
+        "newest one and replaying the log since would take longer (at the replay rate measured), even before "
+        "snapshot_every steps; 0 leaves snapshots to snapshot_every alone.",
+    )
     max_runs: int = Field(default=10_000, ge=1, description="Most runs a tenant may keep.")
     auth: Literal["auto", "required"] = Field(
         default="auto", description="auto: API keys required unless the server listens on loopback only."

@@ -17,8 +17,9 @@ database: the run is marked stale (the registry drops it; the next request recov
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +36,7 @@ class LogWrite:
 
     key: str | None
     blob: Future[int] | None
+    started: float = field(default_factory=time.perf_counter)  # replaying the event costs about what this took
 
 
 def begin(ctx: RunContext, live: Live, payload: bytes | memoryview | list[memoryview] | None) -> LogWrite | None:
@@ -120,6 +122,7 @@ def commit(
             live.stale = f"its {kind} at t={t} was applied in memory but could not be logged"
             abort(ctx, writer)
             raise
+        live.note_replay_cost(time.perf_counter() - writer.started)
     live.seq += 1
     if record is not None:  # a step was applied (a closure step's last evaluation included)
         live.pace.tick()

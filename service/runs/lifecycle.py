@@ -171,6 +171,7 @@ def _create(ctx: RunContext, tenant: str, body: RunCreate, read_params: ParamsRe
         last_snapshot_seq=0,
         last_snapshot_t=0,
         state_bytes=facts["state_bytes"],
+        recovery_target_s=ctx.settings.recovery_target_s,
     )
     return row, live
 

@@ -101,6 +101,11 @@ class Live:
     state_bytes: int = 0  # as of the last ``measure``
     # a snapshot-only run: the history (t, name, value) of its steps since its last snapshot, written with the next
     unwritten_history: list[tuple[int, str, float | None]] = field(default_factory=list)
+    # the recovery time objective (OPTIM_RECOVERY_TARGET_S, 0: off): the seconds one logged event takes to replay
+    # (its live step's, or the last recovery's own rate) and reading the newest snapshot took at the last recovery
+    recovery_target_s: float = 0.0
+    replay_s: float = 0.0
+    load_s: float = 0.0
     loaded_at: float = field(default_factory=time.monotonic)
     pace: Pace = field(default_factory=Pace)
 
@@ -110,8 +115,19 @@ class Live:
 
     @property
     def snapshot_due(self) -> bool:
-        """``snapshot_every`` events or more since the last snapshot."""
-        return self.seq - self.last_snapshot_seq >= self.snapshot_every
+        """``snapshot_every`` events or more since the last snapshot, or (a run that logs its steps) as many as
+        recovery could replay within its target: one more would take reading the snapshot and replaying the log
+        past ``recovery_target_s``."""
+        since = self.seq - self.last_snapshot_seq
+        if since >= self.snapshot_every:
+            return True
+        if self.durability != "log" or self.recovery_target_s <= 0 or since == 0:
+            return False
+        return self.load_s + (since + 1) * self.replay_s > self.recovery_target_s
+
+    def note_replay_cost(self, seconds: float) -> None:
+        """A logged event took ``seconds`` to apply and log: replaying it costs about as much (a moving average)."""
+        self.replay_s = seconds if self.replay_s == 0 else 0.8 * self.replay_s + 0.2 * seconds
 
     def reset(self, state: RunState, *, seq: int) -> None:
         """``state`` is the run's whole history from now on, as its newest snapshot at ``seq`` (rollback, load)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,6 +34,7 @@ log = logging.getLogger("optim_service")
 
 
 def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Live:
+    began = time.perf_counter()
     with ctx.db.read(f"looking up run {name!r}") as repo:
         row = repo.run(tenant, name)
         if row is None:
@@ -56,6 +58,7 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
         if not state.digest_matches(snap.digest):
             raise RecoveryFailed(f"run {name!r}: the snapshot at t={snap.t} does not match its recorded digest")
         seq = snap.seq
+        loaded = time.perf_counter()
         closure: ClosureStep | None = None  # a closure step being replayed, evaluation by evaluation
         for ev in events:
             if ev.seq != seq + 1:
@@ -98,7 +101,14 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
             seq = ev.seq
     if row.durability == "log" and (seq != row.seq or state.t != row.t):
         raise RecoveryFailed(f"run {name!r}: the log ends at t={state.t} but the run says t={row.t}")
-    log.info("recovered run %r at t=%d (snapshot t=%d + %d events)", name, state.t, snap.t, len(events))
+    log.info(
+        "recovered run %r at t=%d (snapshot t=%d + %d events) in %.2f s",
+        name,
+        state.t,
+        snap.t,
+        len(events),
+        time.perf_counter() - began,
+    )
     live = Live(
         id=row.id,
         tenant=tenant,
@@ -113,6 +123,9 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
         last_snapshot_t=snap.t,
         rejected_steps=row.rejected_steps,
         marks={int(rank): (int(t), str(digest)) for rank, (t, digest) in (row.worker_marks or {}).items()},
+        recovery_target_s=ctx.settings.recovery_target_s,
+        load_s=loaded - began,
+        replay_s=(time.perf_counter() - loaded) / len(events) if events else 0.0,
     )
     live.measure()
     return live

@@ -115,3 +115,28 @@ def test_runs_past_the_budget_leave_memory_and_come_back_exact(tmp_path: Path, d
         # a snapshot-only run wrote its snapshot as it left: nothing it acknowledged is lost
         for name in names:
             assert bitwise_equal(decode(c.get(f"/runs/{name}/params").content)["w"], _twin(3))
+
+
+@pytest.mark.parametrize("target_s", [0.0, 1e-9])
+def test_snapshots_keep_a_run_s_recovery_within_its_target(tmp_path: Path, target_s: float) -> None:
+    """OPTIM_RECOVERY_TARGET_S: a target no replay can meet snapshots every step it can (one in flight at a time),
+    long before snapshot_every; 0 leaves snapshots to snapshot_every. A recovered run knows its replay rate."""
+    with (
+        database("sqlite", tmp_path) as url,
+        InProcessServer(url, tmp_path, recovery_target_s=target_s) as server,
+        server.client() as c,
+    ):
+        _create(c, "rto", snapshot_every=1000)
+        for t in range(6):
+            assert c.post("/runs/rto/step", params={"t": t}, content=encode(_grad(t))).status_code == 200
+        (live,) = server.registry.live_runs()
+        assert live.replay_s > 0  # measured on the live steps
+        server.registry.snapshots.wait(live.id)
+        last = c.get("/runs/rto").json()["last_snapshot_t"]
+        assert (last >= 5) if target_s else (last == 0), last
+        assert server.portal is not None
+        server.portal.call(server.registry.drop_all)
+        assert bitwise_equal(decode(c.get("/runs/rto/params").content)["w"], _twin(6))  # recovered
+        (again,) = server.registry.live_runs()
+        assert again.load_s > 0 and again.seq - again.last_snapshot_seq == 6 - last
+        assert (again.replay_s > 0) == (last < 6)  # measured on the replay, where there was one
