@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime
 from http.client import HTTPResponse
 from typing import Any
 
+import plotext
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -39,18 +42,107 @@ def _get(url: str | None, token: str | None, path: str, **params: Any) -> Any:
 
 @runs_app.command("list")
 def runs_list(url: str = URL, token: str = TOKEN) -> None:
-    """Every run: t, epoch, LRs, durability."""
-    table = Table("run", "t", "epoch", "lr", "durability", "last snapshot")
+    """Every run: t, epoch, LRs, steps/s (over its last 100 steps, from its history), durability, last snapshot."""
+    table = Table("run", "t", "epoch", "lr", "steps/s", "durability", "last snapshot", "live")
     for r in _get(url, token, "/runs")["runs"]:
+        snapshot = "none" if r["last_snapshot_t"] is None else f"t={r['last_snapshot_t']}"
+        if r.get("last_snapshot_at"):
+            snapshot += f", {_ago(r['last_snapshot_at'])}"
         table.add_row(
             r["name"],
             str(r["t"]),
             str(r["epoch"]),
             ", ".join(_lr(x) for x in r["lr"] or []),
+            _rate(url, token, r["name"], r["t"]),
             r["durability"],
-            str(r["last_snapshot_t"]),
+            snapshot,
+            "yes" if r["live"] else "no",
         )
     console.print(table)
+
+
+def _rate(url: str | None, token: str | None, run: str, t: int, last: int = 100) -> str:
+    """Steps per second over the run's last ``last`` recorded steps (their wall times); "idle" when the last one is a
+    minute old."""
+    times = _get(url, token, f"/runs/{run}/history", start=max(0, t - last), names="time", points=last)["series"]["time"]
+    if len(times["t"]) < 2:
+        return "-"
+    first, newest = times["min"][0], times["max"][-1]
+    if first is None or newest is None or newest <= first:
+        return "-"
+    if time.time() - newest > 60:
+        return "idle"
+    return f"{(sum(times['count']) - 1) / (newest - first):.1f}"
+
+
+def _ago(stamp: str) -> str:
+    when = datetime.fromisoformat(stamp)
+    if when.tzinfo is None:  # SQLite keeps no time zone: the service writes UTC
+        when = when.replace(tzinfo=UTC)
+    seconds = (datetime.now(UTC) - when).total_seconds()
+    return (
+        f"{seconds:.0f} s ago"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min ago"
+        if seconds < 7200
+        else f"{seconds / 3600:.0f} h ago"
+    )
+
+
+@runs_app.command("history")
+def runs_history(
+    run: str,
+    start: int = typer.Option(0, help="The first step."),
+    stop: int = typer.Option(None, help="The step after the last (default: the run's t)."),
+    width: int = typer.Option(80, help="Characters across."),
+    height: int = typer.Option(15, help="Lines of each plot."),
+    url: str = URL,
+    token: str = TOKEN,
+) -> None:
+    """The run's loss and LR per group over its steps, drawn in the terminal (min and max of each bucket)."""
+    params: dict[str, Any] = {"start": start, "points": max(10, width - 10)}
+    if stop is not None:
+        params["stop"] = stop
+    answer = _get(url, token, f"/runs/{run}/history", **params)
+    series = answer["series"]
+    console.print(f"run {run} at t={answer['t']}: steps {answer['start']}..{answer['stop']}, {answer['bucket']} per point")
+    for title, names in (("loss", ["loss"]), ("lr", sorted((n for n in series if n.startswith("lr/")), key=_group))):
+        shown = [n for n in names if n in series and series[n]["t"]]
+        if not shown:
+            console.print(f"{title}: nothing recorded" + (" (send it: opt.step(loss=loss))" if title == "loss" else ""))
+            continue
+        typer.echo(curves(title, {n: series[n] for n in shown}, width, height))
+    table = Table("series", "last", "min", "max")
+    for name, s in series.items():
+        values = [v for v in s["mean"] if v is not None]
+        if values:
+            low = min(v for v in s["min"] if v is not None)
+            high = max(v for v in s["max"] if v is not None)
+            table.add_row(name, f"{values[-1]:.4g}", f"{low:.4g}", f"{high:.4g}")
+    console.print(table)
+
+
+def _group(name: str) -> int:
+    return int(name.split("/", 1)[1]) if name.split("/", 1)[1].isdigit() else 0
+
+
+def curves(title: str, series: dict[str, dict[str, list[Any]]], width: int, height: int) -> str:
+    """A plot of each series' mean (and, where buckets hold several steps, their min and max), without colours."""
+    fig = plotext.figure
+    fig.clear()
+    plotext.terminal.limit(False, False)
+    fig.plot_size(width, height)
+    for name, s in series.items():
+        points = [(t, v) for t, v in zip(s["t"], s["mean"], strict=True) if v is not None]
+        if not points:
+            continue
+        fig.draw(fig.signal([t for t, _ in points], [v for _, v in points]).label(name))
+        if any(c > 1 for c in s["count"]):
+            for stat in ("min", "max"):
+                kept = [(t, v) for t, v in zip(s["t"], s[stat], strict=True) if v is not None]
+                fig.draw(fig.signal([t for t, _ in kept], [v for _, v in kept]).label(f"{name} {stat}"))
+    fig.title(title)
+    return str(fig.build().string(colorless=True))
 
 
 @runs_app.command("show")

@@ -19,7 +19,10 @@ from schemas import RunCreate
 
 from .auth import LOCAL_TENANT, is_loopback
 from .errors import ServiceError, from_engine
+from .logs import RequestLog, note
+from .metrics import Metrics
 from .routes import checkpoints, health, history, runs, schedule, steps, ui
+from .routes import metrics as metrics_route
 from .runs import RunContext, RunRegistry, Snapshots
 from .settings import Settings
 from .stepper import Stepper
@@ -42,7 +45,8 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", liv
         except BaseException:
             engine.dispose()
             raise
-        db = Database(engine)
+        metrics = Metrics(per_run=cfg.metrics_per_run)
+        db = Database(engine, on_error=metrics.storage_errors.inc)
         with db.read("choosing the blob store") as repo:
             blobs = make_blob_store(cfg, repo)
         ctx = RunContext(
@@ -51,13 +55,15 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", liv
             blobs=blobs,
             stepper=Stepper(cfg.steppers, cfg.step_threads),
             device=optim_core.pick_device(cfg.device),
+            metrics=metrics,
         )
         snapshots = Snapshots(ctx)
         registry = RunRegistry(ctx, snapshots)
+        metrics.watch(registry)
         with db.write("collecting unreferenced blobs") as repo:
             removed = ctx.blobs.collect(repo)
         if removed:
-            log.info("removed %d unreferenced blobs", removed)
+            log.info("removed %d unreferenced blobs", removed, extra={"event": "gc", "blobs": removed})
         app.state.settings, app.state.registry, app.state.live_answers = cfg, registry, live_answers
         app.state.auth_required = cfg.auth == "required" or not is_loopback(host)
         if app.state.auth_required:
@@ -91,9 +97,17 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", liv
         lifespan=lifespan,
     )
 
+    def rejected(request: Request, status: int, error: str) -> None:
+        registry: RunRegistry | None = getattr(request.app.state, "registry", None)
+        if registry is not None:
+            registry.ctx.metrics.rejected.labels(str(status), error).inc()
+
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        body = exc.body()
+        rejected(request, exc.status_code, body["error"])
+        note(request.scope, error=body["error"])
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(optim_core.EngineError)
     async def engine_error(request: Request, exc: optim_core.EngineError) -> JSONResponse:
@@ -102,14 +116,17 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", liv
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        rejected(request, 422, "Invalid")
         return JSONResponse({"error": "Invalid", "detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        rejected(request, exc.status_code, "HTTPError")
         return JSONResponse({"error": "HTTPError", "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    for module in (health, runs, steps, schedule, checkpoints, history, ui):
+    for module in (health, runs, steps, schedule, checkpoints, history, metrics_route, ui):
         app.include_router(module.router)
+    app.add_middleware(RequestLog)  # one log line per request (service/logs.py)
 
     def openapi() -> dict[str, Any]:
         """The generated document, with the run spec's models (``POST /runs`` reads its body itself: JSON or

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import typer
 
 from optim_client.cli import checkpoints_app, runs_app
 
-from . import allocator
+from . import allocator, logs
 from .settings import Settings
 
 cli = typer.Typer(help="optim-service: the optimizer of a training run, hosted.", no_args_is_help=True)
@@ -21,7 +20,7 @@ cli.add_typer(checkpoints_app, name="checkpoints")
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    log_level: str = typer.Option("info"),
+    log_level: str = typer.Option(None, help="debug, info, warning, error (default OPTIM_LOG_LEVEL, info)."),
 ) -> None:
     """Start the HTTP service (the database must be at the latest migration: see `migrate`)."""
     import uvicorn
@@ -29,15 +28,18 @@ def serve(
     from .app import create_app
     from .protocol import BodyProtocol
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    level = log_level or settings.log_level
+    logs.configure(level, settings.log_format)
     if settings.tune_allocator:
         allocator.tune()
     uvicorn.run(
         create_app(settings, host=host, live_answers=True),
         host=host,
         port=port,
-        log_level=log_level,
+        log_level=level,
+        log_config=None,  # uvicorn's loggers go through ours (logs.configure)
+        access_log=False,  # the service writes one line per request itself (logs.RequestLog)
         loop="uvloop",
         http=BodyProtocol,  # httptools, without uvicorn's two copies of each request body (service/protocol.py)
         timeout_graceful_shutdown=30,

@@ -11,6 +11,7 @@ from schemas.runs import RUN_NAME_PATTERN
 
 from .auth import LOCAL_TENANT, tenant_for
 from .errors import Unauthorized
+from .logs import note
 from .runs import RunRegistry
 from .settings import Settings
 
@@ -24,7 +25,14 @@ def get_settings(request: Request) -> Settings:
 
 
 async def get_tenant(request: Request) -> str:
-    """The caller's tenant: from its API key when authentication is on, else the local tenant."""
+    """The caller's tenant: from its API key when authentication is on, else the local tenant (in the request's log
+    line either way; the key never is)."""
+    tenant = await _tenant(request)
+    note(request.scope, tenant=tenant)
+    return tenant
+
+
+async def _tenant(request: Request) -> str:
     if not request.app.state.auth_required:
         return LOCAL_TENANT
     header = request.headers.get("authorization", "")

@@ -72,6 +72,17 @@ class Settings(BaseSettings):
         description="Norms each step's history records: all (gradient, update and parameter norms), cheap (no update "
         "norm: it needs a copy of the parameters before the step) or off. README: what each costs.",
     )
+    metrics_per_run: bool = Field(
+        default=False,
+        description="Label /metrics' step counters with the run's name too (one series per run: for a few runs only).",
+    )
+    metrics_require_key: bool = Field(
+        default=False, description="GET /metrics needs Authorization: Bearer <an API key>, whatever OPTIM_AUTH says."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="The logs' level.")
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object a line (a request, a background event); text: for a terminal."
+    )
     tune_allocator: bool = Field(
         default=True, description="Keep large blocks in glibc's heap (mallopt) so each step reuses warm memory."
     )

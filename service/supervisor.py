@@ -63,8 +63,8 @@ class ServiceProcess:
             self.host,
             "--port",
             str(self.port),
-            "--log-level",
-            "warning",
+            # quiet unless the environment asks for a level (OPTIM_LOG_LEVEL)
+            *(["--log-level", "warning"] if "OPTIM_LOG_LEVEL" not in self.env else []),
         ]
         with open(self.log, "ab") if self.log is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
             self.proc = subprocess.Popen(args, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)

@@ -30,15 +30,15 @@ def upgrade() -> None:
     op.create_table(
         "history_block",
         sa.Column("run_id", sa.Integer(), nullable=False),
-        sa.Column("block_t", sa.BigInteger(), nullable=False),
         sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("block_t", sa.BigInteger(), nullable=False),
         sa.Column("min", sa.Float(), nullable=True),
         sa.Column("max", sa.Float(), nullable=True),
         sa.Column("sum", sa.Float(), nullable=True),
         sa.Column("count", sa.Integer(), nullable=False),
         sa.Column("finite", sa.Integer(), nullable=False),
         sa.ForeignKeyConstraint(["run_id"], ["run.id"], name=op.f("fk_history_block_run_id_run"), ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("run_id", "block_t", "name", name=op.f("pk_history_block")),
+        sa.PrimaryKeyConstraint("run_id", "name", "block_t", name=op.f("pk_history_block")),
     )
 
 

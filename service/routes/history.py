@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from schemas import History
@@ -30,5 +30,7 @@ async def get_history(
     names: Annotated[
         str | None, Query(max_length=4096, description="Comma list of series names (default: all), e.g. loss,lr/0")
     ] = None,
-) -> History:
-    return await run_in_threadpool(series.read, registry.ctx, tenant, run, start=start, stop=stop, points=points, names=names)
+) -> Response:
+    history = await run_in_threadpool(series.read, registry.ctx, tenant, run, start=start, stop=stop, points=points, names=names)
+    # serialized by pydantic's core: tens of thousands of numbers (the json module took 26 ms for 9 series x 1000)
+    return Response(history.model_dump_json(), media_type="application/json")

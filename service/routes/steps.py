@@ -15,6 +15,7 @@ from .. import payloads
 from ..bodies import content_kind, read_body
 from ..deps import RegistryDep, RunName, SettingsDep, TenantDep
 from ..errors import InvalidPayload, RunNotFound
+from ..logs import note
 from ..payloads import SAFETENSORS, LiveTensorsResponse
 from ..runs import Later, Live, history, lifecycle, series, stepping, workers
 from ..runs.gather import Pending
@@ -108,7 +109,13 @@ async def step(
         response = _step_response(outcome, returns, live_answers)
         clock.lap("encode")
         response.headers["Server-Timing"] = clock.header()
+        answered(applied=not outcome.replayed, t=outcome.result.t)
         return response
+
+    def answered(*, applied: bool, t: int) -> None:
+        """The step in /metrics and in its request's log line."""
+        registry.ctx.metrics.step_answered(clock.laps, tenant=tenant, run=run, body_bytes=len(body), applied=applied)
+        note(request.scope, t=t, applied=applied, phases={k: round(v, 2) for k, v in clock.laps.items()})
 
     async def _gathered(pending: Pending) -> Response:
         async def apply_later(t: int) -> None:
@@ -117,6 +124,7 @@ async def step(
         answer = await workers.wait(pending, apply_later)
         clock.lap("gather")  # waiting for the other ranks
         headers = {**_headers(answer.position), "Server-Timing": clock.header()}
+        answered(applied=True, t=answer.result.t)
         if returns == "none":
             return Response(status_code=200, headers=headers)
         return Response(answer.body, media_type=SAFETENSORS, headers=headers)

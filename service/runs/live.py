@@ -16,6 +16,7 @@ from optim_core import RunSpec, RunState
 from optim_core.closure import ClosureStep
 
 from ..errors import StorageUnavailable
+from ..metrics import Metrics
 from ..settings import Settings
 from ..stepper import Stepper
 from ..storage import BlobStore, Database
@@ -165,6 +166,7 @@ class RunContext:
     blobs: BlobStore
     stepper: Stepper
     device: torch.device
+    metrics: Metrics = field(default_factory=Metrics)
     log_writers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=16, thread_name_prefix="log"), repr=False
     )

@@ -101,13 +101,19 @@ def recover(ctx: RunContext, snapshots: Snapshots, tenant: str, name: str) -> Li
             seq = ev.seq
     if row.durability == "log" and (seq != row.seq or state.t != row.t):
         raise RecoveryFailed(f"run {name!r}: the log ends at t={state.t} but the run says t={row.t}")
+    seconds, read = time.perf_counter() - began, snap.size + reader.bytes_read
+    ctx.metrics.recovery_seconds.observe(seconds)
+    ctx.metrics.recovery_bytes.inc(read)
+    ctx.metrics.recovered_events.inc(len(events))
+    fields = {"event": "recovery", "run": name, "t": state.t, "snapshot_t": snap.t, "replayed": len(events), "bytes": read}
     log.info(
         "recovered run %r at t=%d (snapshot t=%d + %d events) in %.2f s",
         name,
         state.t,
         snap.t,
         len(events),
-        time.perf_counter() - began,
+        seconds,
+        extra={**fields, "ms": round(seconds * 1e3, 1)},
     )
     live = Live(
         id=row.id,
@@ -180,6 +186,7 @@ class LogReader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recovery")
         self._reads = [self._pool.submit(self._read, i) for i in range(min(ahead, len(keys)))]
         self._next = 0
+        self.bytes_read = 0
 
     def __enter__(self) -> LogReader:
         return self
@@ -207,4 +214,6 @@ class LogReader:
         if i + self._ahead < len(self._keys):
             self._reads.append(self._pool.submit(self._read, i + self._ahead))  # into payload i - 1's buffer
         self._next += 1
-        return self._reads[i].result()
+        payload = self._reads[i].result()
+        self.bytes_read += payload.nbytes
+        return payload

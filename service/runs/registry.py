@@ -193,7 +193,11 @@ class RunRegistry:
                     slot.live = None
                     self._recent.pop(key, None)
                     log.info(
-                        "run %r dropped from memory (%d bytes) to keep within %d bytes", live.name, live.state_bytes, self.budget
+                        "run %r dropped from memory (%d bytes) to keep within %d bytes",
+                        live.name,
+                        live.state_bytes,
+                        self.budget,
+                        extra={"event": "eviction", "run": live.name, "t": live.state.t, "bytes": live.state_bytes},
                     )
                 except Exception:
                     log.exception("run %r could not be dropped from memory; it stays", key[1])

@@ -142,13 +142,19 @@ def _series(aggregates: list[Aggregate], size: int, start: int) -> dict[str, Ser
         m[2] = total if m[2] is None else m[2] if total is None else m[2] + total
         m[3] += count
         m[4] += finite
-    out: dict[str, Series] = {}
+    out: dict[str, dict[str, list[Any]]] = {}
     for (name, k), (lo, hi, total, count, finite) in sorted(merged.items()):
-        s = out.setdefault(name, Series(t=[], min=[], mean=[], max=[], count=[]))
+        s = out.get(name)
+        if s is None:
+            s = out[name] = {"t": [], "min": [], "mean": [], "max": [], "count": []}
         whole = finite == count and count > 0  # a value that was not finite makes its bucket's statistics null
-        s.t.append(max(k * size, start))
-        s.min.append(lo if whole else None)
-        s.mean.append(total / count if whole else None)
-        s.max.append(hi if whole else None)
-        s.count.append(count)
-    return out
+        s["t"].append(max(k * size, start))
+        s["min"].append(lo if whole else None)
+        s["mean"].append(total / count if whole else None)
+        s["max"].append(hi if whole else None)
+        s["count"].append(count)
+    # built here: nothing to validate
+    return {
+        name: Series.model_construct(t=s["t"], min=s["min"], mean=s["mean"], max=s["max"], count=s["count"])
+        for name, s in out.items()
+    }

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -65,6 +66,9 @@ class Snapshots:
     def in_flight(self, run_id: int) -> bool:
         pending = self._pending.get(run_id)
         return pending is not None and not pending.done()
+
+    def in_flight_count(self) -> int:
+        return sum(1 for pending in list(self._pending.values()) if not pending.done())
 
     def wait(self, run_id: int) -> None:
         """Let a snapshot in flight land (or fail) before the run's history is read or rewritten."""
@@ -126,6 +130,7 @@ class Snapshots:
     def write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any], history: list[Any] | None = None) -> None:
         """Write the captured state, then publish it with ``facts`` (``described`` of the state at the capture) and
         (a snapshot-only run) the history of the steps since the last one, or drop it if the run moved on without it."""
+        started = time.perf_counter()
         digest = captured.digest()
         key = new_key()
         # the blob first, outside the transaction: the steps' log records go on while 100s of MB are written
@@ -153,3 +158,8 @@ class Snapshots:
             raise
         self.ctx.blobs.drop(dropped)
         live.last_snapshot_seq, live.last_snapshot_t = seq, captured.t
+        seconds = time.perf_counter() - started
+        self.ctx.metrics.snapshot_seconds.observe(seconds)
+        self.ctx.metrics.snapshot_bytes.inc(size)
+        fields = {"event": "snapshot", "run": live.name, "t": captured.t, "ms": round(seconds * 1e3, 1), "bytes": size}
+        log.info("snapshot of run %r at t=%d", live.name, captured.t, extra=fields)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,9 @@ def make_engine(settings: Settings) -> Engine:
 class Database:
     """The unit of work: ``with db.write("creating the run") as repo: ...``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_error: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self._on_error = on_error  # counted in /metrics (optim_storage_errors_total)
         self._readers = sessionmaker(engine, expire_on_commit=False)
         self._writers = sessionmaker(engine, expire_on_commit=False, execution_options={_WRITES: True})
 
@@ -109,6 +110,8 @@ class Database:
         except IntegrityError as exc:
             raise Duplicate(str(exc.orig)) from exc
         except SQLAlchemyError as exc:
+            if self._on_error is not None:
+                self._on_error()
             raise unavailable(exc, what) from exc
 
     def close(self) -> None:

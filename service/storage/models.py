@@ -123,8 +123,9 @@ class HistoryBlock(Base):
     __tablename__ = "history_block"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), primary_key=True)
-    block_t: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # the block's first step
+    # by name, then step: a name's blocks are read in order, without a sort
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    block_t: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # the block's first step
     min: Mapped[float | None] = mapped_column(Float, nullable=True)  # of the finite values
     max: Mapped[float | None] = mapped_column(Float, nullable=True)
     sum: Mapped[float | None] = mapped_column(Float, nullable=True)

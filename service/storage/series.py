@@ -94,13 +94,15 @@ class SeriesRepository:
     def from_blocks(self, run_id: int, start: int, stop: int, bucket: int, names: Sequence[str] | None) -> list[Aggregate]:
         """Aggregates over buckets ``t // bucket`` (a multiple of ``BLOCK``) of the blocks that start in [start, stop)."""
         b = HistoryBlock
-        k = b.block_t // bucket
-        q = select(b.name, k, func.min(b.min), func.max(b.max), func.sum(b.sum), func.sum(b.count), func.sum(b.finite)).where(
-            b.run_id == run_id, b.block_t >= start, b.block_t < stop
-        )
+        where = [b.run_id == run_id, b.block_t >= start, b.block_t < stop]
         if names is not None:
-            q = q.where(b.name.in_(names))
-        return _rows(self.session.execute(q.group_by(b.name, k)).all())
+            where.append(b.name.in_(names))
+        if bucket == BLOCK:  # a bucket is a block: its rows as they are, in the key's order
+            plain = select(b.name, b.block_t // BLOCK, b.min, b.max, b.sum, b.count, b.finite).where(*where)
+            return _rows(self.session.execute(plain.order_by(b.name, b.block_t)).all())
+        k = b.block_t // bucket
+        q = select(b.name, k, func.min(b.min), func.max(b.max), func.sum(b.sum), func.sum(b.count), func.sum(b.finite))
+        return _rows(self.session.execute(q.where(*where).group_by(b.name, k)).all())
 
 
 def _rows(rows: Sequence[Any]) -> list[Aggregate]:
