@@ -73,9 +73,7 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_is_read(graph: dict[str, set[str]]) -> None:
     assert "optim_core.run_state" in graph["optim_core"]
-    assert "service.runs.registry" in graph["service.app"] or any(
-        m.startswith("service.runs") for m in graph["service.app"]
-    )
+    assert "service.runs.registry" in graph["service.app"] or any(m.startswith("service.runs") for m in graph["service.app"])
 
 
 def test_packages_import_only_the_layers_below(graph: dict[str, set[str]]) -> None:
@@ -91,7 +89,9 @@ def test_packages_import_only_the_layers_below(graph: dict[str, set[str]]) -> No
 def test_no_module_imports_itself_back(graph: dict[str, set[str]]) -> None:
     # a package's __init__ re-exporting its modules is how a package is read, not a cycle: leave those arrows out
     edges = {
-        name: {t for t in targets if not name.startswith(t + ".")} if not Path(_modules()[name]).name == "__init__.py" else targets
+        name: {t for t in targets if not name.startswith(t + ".")}
+        if not Path(_modules()[name]).name == "__init__.py"
+        else targets
         for name, targets in graph.items()
     }
     cycles: list[list[str]] = []
@@ -103,7 +103,7 @@ def test_no_module_imports_itself_back(graph: dict[str, set[str]]) -> None:
         stack.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt) :] + [nxt])
+                cycles.append([*stack[stack.index(nxt) :], nxt])
             elif nxt not in state:
                 dfs(nxt)
         stack.pop()
