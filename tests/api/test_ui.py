@@ -67,6 +67,10 @@ def _chart(watched: Watched, name: str) -> dict[str, Any]:
     return watched.page.evaluate("name => window.optimUI.charts[name]", name)
 
 
+def _chart_width(watched: Watched) -> int:
+    return int(watched.page.evaluate("Math.floor(document.querySelector('figure[data-chart=loss] .chart-body').clientWidth)"))
+
+
 def _t_on_page(watched: Watched) -> int:
     return int(watched.page.locator("#run-t").inner_text())
 
@@ -103,6 +107,21 @@ def test_the_run_page_draws_the_run_and_acts_on_its_checkpoints(trained: Server,
             ahead = [v for v in drawn[f"group {group} ahead"]["values"] if v is not None]
             assert ahead[1] == pytest.approx(preview[0][group])
         screenshot(page, tmp_path / "run.png")
+
+        # the history was asked for at the chart's width; polls of a run whose t does not move ask for nothing more
+        asked = [r.url for r in w.requests if "/history?" in r.url]
+        assert asked and all(f"points={_chart_width(w)}" in u for u in asked), asked
+        before, polls = len(w.requests), page.evaluate("window.optimUI.polls")
+        page.wait_for_function("n => window.optimUI.polls >= n + 2", arg=polls, timeout=TIMEOUT_MS)
+        later = {r.url.removeprefix(trained.base) for r in w.requests[before:]}
+        assert later == {"/runs/ui-demo"}, later
+        # a hidden tab asks nothing; shown again, it polls at once
+        page.evaluate("Object.defineProperty(document, 'hidden', {value: true, configurable: true})")
+        before, polls = len(w.requests), page.evaluate("window.optimUI.polls")
+        page.wait_for_timeout(4500)  # two poll intervals
+        assert len(w.requests) == before and page.evaluate("window.optimUI.polls") == polls
+        page.evaluate("delete document.hidden; document.dispatchEvent(new Event('visibilitychange'))")
+        page.wait_for_function("n => window.optimUI.polls > n", arg=polls, timeout=500)
         if os.environ.get("OPTIM_UI_SCREENSHOT") == "1":
             page.screenshot(path=str(ROOT / "docs" / "ui-run.png"))
             print(f"screenshot: {ROOT / 'docs' / 'ui-run.png'}")
