@@ -16,6 +16,7 @@ import pytest
 from service.routes.ui import CSP, static_files
 from service.runs.live import Pace
 
+from .. import browser
 from ..server import database
 from .inprocess import InProcessClient, InProcessServer
 
@@ -147,3 +148,23 @@ def test_the_runs_list_says_steps_per_second_of_live_runs(tmp_path: Path) -> Non
         with InProcessServer(url, tmp_path) as srv, srv.client() as c:
             (listed,) = c.get("/runs").json()["runs"]
             assert not listed["live"] and listed["steps_per_s"] is None and listed["t"] == 5
+
+
+@pytest.mark.parametrize(
+    ("env", "outcome"),
+    [
+        ({"CI": "true", "OPTIM_SKIP_BROWSER": "1"}, pytest.fail.Exception),  # CI: never skipped
+        ({"OPTIM_SKIP_BROWSER": "1"}, pytest.skip.Exception),  # a developer who said so
+        ({}, pytest.fail.Exception),  # nobody said so
+    ],
+)
+def test_the_browser_tests_fail_without_chromium_unless_told_to_skip_outside_ci(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], outcome: type[BaseException]
+) -> None:
+    monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
+    for name in ("CI", "OPTIM_SKIP_BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(outcome, match="apt-get install -y chromium"):
+        browser.require_chromium()
