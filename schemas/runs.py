@@ -57,6 +57,10 @@ class RunPublic(BaseModel):
     group_sizes: list[int] = Field(description="Elements in each group.")
     state_bytes: int = Field(description="Bytes of the state: parameters, optimizer state, averages.")
     live: bool = Field(description="Whether the run's state is in this server's memory now.")
+    steps_per_s: float | None = Field(
+        default=None,
+        description="Steps applied per second over the last 30 s (null when the run is not in memory: it is not stepping).",
+    )
     needs: list[str] = Field(
         default_factory=list,
         description="What its optimizer takes beyond one gradient per step: closure (evaluations, k), hessian "

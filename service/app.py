@@ -21,7 +21,7 @@ from .auth import LOCAL_TENANT, is_loopback
 from .errors import ServiceError, from_engine
 from .logs import RequestLog, note
 from .metrics import Metrics
-from .routes import checkpoints, health, history, runs, schedule, steps
+from .routes import checkpoints, health, history, runs, schedule, steps, ui
 from .routes import metrics as metrics_route
 from .runs import RunContext, RunRegistry, Snapshots
 from .settings import Settings
@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None, *, host: str = "127.0.0.1", liv
         rejected(request, exc.status_code, "HTTPError")
         return JSONResponse({"error": "HTTPError", "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    for module in (health, runs, steps, schedule, checkpoints, history, metrics_route):
+    for module in (health, runs, steps, schedule, checkpoints, history, metrics_route, ui):
         app.include_router(module.router)
     app.add_middleware(RequestLog)  # one log line per request (service/logs.py)
 

@@ -124,6 +124,8 @@ def commit(
             raise
         live.note_replay_cost(time.perf_counter() - writer.started)
     live.seq += 1
+    if record is not None:  # a step was applied (a closure step's last evaluation included)
+        live.pace.tick()
 
 
 def _marks_json(marks: dict[int, tuple[int, str]]) -> dict[str, list[Any]]:

@@ -56,6 +56,7 @@ def public(row: Run, live: Live | None) -> RunPublic:
         group_sizes=row.group_sizes or [],
         state_bytes=live.state_bytes if live is not None else row.state_bytes,
         live=live is not None,
+        steps_per_s=live.pace.rate() if live is not None else None,
         spec=row.spec,
         created_at=row.created_at,
         updated_at=row.updated_at,

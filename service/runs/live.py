@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,27 @@ def described(state: RunState) -> dict[str, Any]:
 
 
 @dataclass
+class Pace:
+    """Steps per second of a run in memory, over its recent steps (the runs list's steps/s).
+
+    The times of the last ``keep`` steps are kept; the rate counts those of the last ``window`` seconds from the
+    first of them to now, so a run that stops stepping falls towards 0 and is at 0 once ``window`` has passed."""
+
+    window: float = 30.0
+    times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+    def tick(self, now: float | None = None) -> None:
+        self.times.append(time.monotonic() if now is None else now)
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        recent = [x for x in self.times if x >= now - self.window]
+        if len(recent) < 2 or now <= recent[0]:
+            return 0.0
+        return (len(recent) - 1) / (now - recent[0])
+
+
+@dataclass
 class Live:
     """A run's state in this process, and where its durable history stands.
 
@@ -86,6 +108,7 @@ class Live:
     replay_s: float = 0.0
     load_s: float = 0.0
     loaded_at: float = field(default_factory=time.monotonic)
+    pace: Pace = field(default_factory=Pace)
 
     @property
     def key(self) -> RunKey:
