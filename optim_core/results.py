@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -10,3 +10,4 @@ class StepResult:
     t: int
     lrs: list[float | None]  # None: a group without one LR (RunState.lr_notes says why)
     skipped: bool = False
+    norms: dict[str, float] = field(default_factory=dict)  # optim_core.norms.measured, as ``apply(measure=)`` asked

@@ -20,7 +20,7 @@ import torch
 from optim_format import FormatError, snapshot
 from optim_format.hessian import HessianRequest
 
-from . import creation, describe, export, hessian, inputs, persist, sparse
+from . import creation, describe, export, hessian, inputs, norms, persist, sparse
 from .averaging import Ema, Swa
 from .catalogue import get_optimizer
 from .closure import ClosureStep
@@ -36,6 +36,7 @@ from .errors import (
     StepMismatch,
 )
 from .export import MAX_T
+from .norms import NormsMode
 from .params import ParamModule, build_optimizer
 from .persist import Captured
 from .results import StepResult
@@ -150,11 +151,13 @@ class RunState:
         *,
         donate: bool = False,
         hessians: Mapping[str, torch.Tensor] | None = None,
+        measure: NormsMode = "off",
     ) -> StepResult:
         """Apply the gradients computed at step ``t`` (which must be the current step count). ``donate``: the
         caller will not read ``grads`` again, and those that need no conversion are not copied (``check_gradients``).
         ``hessians``: for Adahessian, the Hessian-diagonal estimates that ``hessian_request()`` asked for
-        (``optim_core.hessian``); closure optimizers (LBFGS) step through ``begin_closure_step`` instead."""
+        (``optim_core.hessian``); closure optimizers (LBFGS) step through ``begin_closure_step`` instead. ``measure``:
+        the norms of the checked gradients, the update and the parameters the result carries (``optim_core.norms``)."""
         self._check_usable()
         if "closure" in self.entry.needs:
             raise ProtocolRequired(
@@ -179,14 +182,18 @@ class RunState:
                 f"gradient(s) {nonfinite[:10]} contain NaN or Inf; the step was not applied "
                 '(a run with nonfinite: "skip" skips such steps, as GradScaler does)'
             )
-        try:
-            for name, p in self._params.items():
-                p.grad = prepared.get(name)
+
+        def step() -> None:
             if nonfinite:
                 self.skipped_steps += 1
             else:
                 with self._rng_scope(), hessian.fed(self.optimizer, feed):
                     self.optimizer.step()
+
+        try:
+            for name, p in self._params.items():
+                p.grad = prepared.get(name)
+            _, measured = norms.measured(step, list(prepared.values()), list(self._params.values()), measure)
             self._after_step(loss, steps_schedule=steps_schedule)
         except Exception as exc:
             self._broken = f"step t={t} raised {type(exc).__name__}: {exc}"
@@ -194,7 +201,7 @@ class RunState:
         finally:
             for p in self._params.values():
                 p.grad = None
-        return StepResult(t=self.t, lrs=self.lrs, skipped=bool(nonfinite))
+        return StepResult(t=self.t, lrs=self.lrs, skipped=bool(nonfinite), norms=measured)
 
     def _after_step(self, loss: float | None, *, steps_schedule: bool) -> None:
         """What follows an optimizer step in the user's loop: the count, the per-step scheduler, SWA, EMA."""

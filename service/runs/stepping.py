@@ -30,7 +30,7 @@ import torch
 import optim_core
 from optim_core import StepResult
 from optim_core.closure import Done
-from optim_core.norms import measured, total_norm
+from optim_core.norms import total_norm
 
 from .. import payloads
 from ..errors import Invalid, InvalidPayload, ServiceError, StepConflict, from_engine
@@ -204,12 +204,16 @@ def _apply(
     hessians = decoded.hessians if "hessian" in state.entry.needs or decoded.hessians else None
     lrs = state.lrs  # the LRs this step is applied with (the scheduler steps after it)
 
-    def apply() -> StepResult:
-        return state.apply(decoded.grads, t, loss=decoded.loss, donate=donate, hessians=hessians)
-
     try:
-        grads, params = list(decoded.grads.values()), list(state.params().values())
-        result, norms = ctx.stepper.run(measured, apply, grads, params, ctx.settings.history_norms)
+        result = ctx.stepper.run(
+            state.apply,
+            decoded.grads,
+            t,
+            loss=decoded.loss,
+            donate=donate,
+            hessians=hessians,
+            measure=ctx.settings.history_norms,
+        )
     except optim_core.StepFailed as exc:
         journal.abort(ctx, writer)
         live.stale = f"the optimizer failed part way through step t={t}"
@@ -221,7 +225,7 @@ def _apply(
         journal.abort(ctx, writer)
         raise
     clock.lap("step")
-    history = series.sample(loss=decoded.loss, lrs=lrs, norms=norms, scalars=request.scalars, step_ms=clock.elapsed())
+    history = series.sample(loss=decoded.loss, lrs=lrs, norms=result.norms, scalars=request.scalars, step_ms=clock.elapsed())
     journal.commit(
         ctx,
         live,

@@ -22,7 +22,6 @@ send them again.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,7 +31,6 @@ import torch
 
 import optim_core
 from optim_core.inputs import nonfinite
-from optim_core.norms import measured
 from optim_format import framing
 
 from .. import payloads
@@ -148,16 +146,16 @@ def apply(ctx: RunContext, live: Live) -> None:
         writer = journal.begin(ctx, live, parts)  # the log writer reads the mean; the optimizer steps on its copy
         lrs = state.lrs
         try:
-            step = functools.partial(state.apply, grads, current.t, loss=loss)
-            mode = ctx.settings.history_norms
-            result, norms = ctx.stepper.run(measured, step, list(grads.values()), list(state.params().values()), mode)
+            result = ctx.stepper.run(state.apply, grads, current.t, loss=loss, measure=ctx.settings.history_norms)
         except BaseException:
             journal.abort(ctx, writer)
             raise
         marks = {r: (current.t, current.digests[r]) for r in contributors}
         record = step_record(current, contributors, current.workers.world_size)
         step_ms = (time.monotonic() - current.started) * 1e3  # from the first rank's gradient
-        history = series.sample(loss=loss, lrs=lrs, norms=norms, scalars=mean_scalars(current, contributors), step_ms=step_ms)
+        history = series.sample(
+            loss=loss, lrs=lrs, norms=result.norms, scalars=mean_scalars(current, contributors), step_ms=step_ms
+        )
         journal.commit(
             ctx,
             live,
