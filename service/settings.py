@@ -76,8 +76,10 @@ class Settings(BaseSettings):
         default=False,
         description="Label /metrics' step counters with the run's name too (one series per run: for a few runs only).",
     )
-    metrics_require_key: bool = Field(
-        default=False, description="GET /metrics needs Authorization: Bearer <an API key>, whatever OPTIM_AUTH says."
+    metrics_require_key: bool | None = Field(
+        default=None,
+        description="GET /metrics needs Authorization: Bearer <an API key> (true) or not (false); default: when the "
+        "server requires API keys (it shows every tenant's name and counts).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="The logs' level.")
     log_format: Literal["json", "text"] = Field(

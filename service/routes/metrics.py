@@ -1,5 +1,5 @@
-"""Prometheus' scrape (issue 20): ``GET /metrics`` in its text format; no API key unless
-``OPTIM_METRICS_REQUIRE_KEY=true``."""
+"""Prometheus' scrape (issue 20): ``GET /metrics`` in its text format; an API key is needed where the server
+requires them (it names every tenant), unless ``OPTIM_METRICS_REQUIRE_KEY`` says otherwise."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ router = APIRouter(tags=["health"])
 
 @router.get("/metrics", summary="Prometheus metrics (README: each one)", response_class=Response)
 async def metrics(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
-    if settings.metrics_require_key:
+    required = settings.metrics_require_key
+    if required is None:
+        required = bool(request.app.state.auth_required)
+    if required:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized("this server's metrics need an API key: send Authorization: Bearer <key>")

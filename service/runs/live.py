@@ -66,7 +66,8 @@ class Pace:
 
     def rate(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
-        recent = [x for x in self.times if x >= now - self.window]
+        times = list(self.times)  # one C call: a step thread may append meanwhile (the list is read without the hold)
+        recent = [x for x in times if x >= now - self.window]
         if len(recent) < 2 or now <= recent[0]:
             return 0.0
         return (len(recent) - 1) / (now - recent[0])
@@ -124,7 +125,10 @@ class Live:
             return True
         if self.durability != "log" or self.recovery_target_s <= 0 or since == 0:
             return False
-        return self.load_s + (since + 1) * self.replay_s > self.recovery_target_s
+        # reading the snapshot counts against the target, but at most half of it: a state too large to load within
+        # the target alone would otherwise be snapshotted after every step
+        budget = self.recovery_target_s - min(self.load_s, self.recovery_target_s / 2)
+        return (since + 1) * self.replay_s > budget
 
     def note_replay_cost(self, seconds: float) -> None:
         """A logged event took ``seconds`` to apply and log: replaying it costs about as much (a moving average)."""

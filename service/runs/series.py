@@ -49,14 +49,22 @@ def parse_scalars(header: str | None) -> dict[str, float]:
         raise Invalid(f"Optim-Scalars has {len(scalars)} names; at most {MAX_SCALARS} are kept per step")
     out: dict[str, float] = {}
     for name, value in scalars.items():
-        if not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise Invalid(f"Optim-Scalars: {name[:80]!r} is not a series name ([A-Za-z0-9_./-], 1 to 64 characters)")
         if is_reserved(name):
             raise Invalid(f"Optim-Scalars: {name!r} is the service's own series (send the loss as ?loss=)")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
             raise Invalid(f"Optim-Scalars: {name!r} must be a finite number, got {str(value)[:40]}")
         out[name] = float(value)
     return out
+
+
+def _finite(value: float) -> bool:
+    """A finite number that a float holds (JSON's integers may have 400 digits)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def sample(
@@ -83,12 +91,18 @@ def bucket_size(start: int, stop: int, points: int) -> int:
     span = stop - start
     if span <= points:
         return 1
-    size = -(-span // points)
-    if size >= BLOCK:
-        size = -(-size // BLOCK) * BLOCK
-    while -(-stop // size) - start // size > points:
+
+    def rounded(size: int) -> int:
+        return -(-size // BLOCK) * BLOCK if size >= BLOCK else size
+
+    # aligned buckets over a span cut one more than span / size: this size always fits (one bucket past stop)
+    enough = rounded(-(-span // (points - 1)) if points > 1 else stop)
+    size = rounded(-(-span // points))
+    for _ in range(64):  # the smallest that fits is seldom more than a few steps above the first guess
+        if size >= enough or -(-stop // size) - start // size <= points:
+            return min(size, enough)
         size += BLOCK if size >= BLOCK else 1
-    return size
+    return enough
 
 
 def parse_names(names: str | None) -> list[str] | None:
@@ -97,7 +111,7 @@ def parse_names(names: str | None) -> list[str] | None:
         return None
     out = names.split(",")
     for name in out:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise Invalid(f"names: {name[:80]!r} is not a series name ([A-Za-z0-9_./-], 1 to 64 characters)")
     return list(dict.fromkeys(out))
 

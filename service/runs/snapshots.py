@@ -130,6 +130,7 @@ class Snapshots:
                 size = blobs.sync(unsynced)
                 self._publish(live, unsynced.key, size, digest, t, seq, facts, history, started)
             except Exception:
+                live.unwritten_history[:0] = history  # the next snapshot writes them
                 log.exception("snapshot of run %r at t=%d failed", live.name, t)
 
         self._track(live.id, self._writer.submit(finish), room=False)
@@ -163,6 +164,7 @@ class Snapshots:
         try:
             self.write(live, captured, seq, facts, history)
         except Exception:
+            live.unwritten_history[:0] = history  # the next snapshot writes them
             log.exception("snapshot of run %r at t=%d failed", live.name, captured.t)
 
     def write(self, live: Live, captured: Captured, seq: int, facts: dict[str, Any], history: list[Any] | None = None) -> None:

@@ -106,10 +106,12 @@ def test_a_recovery_is_counted_and_every_line_of_the_log_is_json(server: Server)
     assert any(x.get("event") == "snapshot" and x.get("run") == run for x in lines)
 
 
-def test_the_key_option_and_no_key_in_the_logs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("option", [{"OPTIM_METRICS_REQUIRE_KEY": "true"}, {}], ids=["option", "default-with-keys"])
+def test_the_key_option_and_no_key_in_the_logs(tmp_path: Path, option: dict[str, str]) -> None:
+    """The option requires a key; so does a server that requires API keys by default (the scrape names tenants)."""
     with database("sqlite", tmp_path) as url:
         key = _key(url, tmp_path, "alice")
-        env = {"OPTIM_METRICS_REQUIRE_KEY": "true", "OPTIM_AUTH": "required", "OPTIM_LOG_LEVEL": "info"}
+        env = {**option, "OPTIM_AUTH": "required", "OPTIM_LOG_LEVEL": "info"}
         server = Server(url, tmp_path, env=env).start()
         try:
             with server.client() as c:

@@ -247,6 +247,20 @@ def test_bad_query_parameters_are_422(client: InProcessClient, params: dict[str,
     assert r.status_code == 422 and r.json()["error"] == "Invalid" and r.json()["detail"], r.text
 
 
+@pytest.mark.parametrize("points", [1, 2, 1000])
+def test_a_range_far_past_the_run_is_answered_at_once(client: InProcessClient, points: int) -> None:
+    """A range up to 2**62 is answered at once (the bucket size was once found by ~1e16 passes of a loop)."""
+    model = make_model()
+    name = new_run(client, model)
+    assert step(client, name, 0, make_grads(model, 1)[0], loss=1.0).status_code == 200
+    for start, stop in ((2**61, 2**62), (0, 2**62)):
+        r = client.get(f"/runs/{name}/history", params={"start": start, "stop": stop, "points": points})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["bucket"] >= (stop - start) // points and len(got["series"].get("loss", {"t": []})["t"]) <= points
+        assert got["series"].get("loss", {"t": []})["t"] == ([] if start else [0])
+
+
 @pytest.mark.parametrize(
     "header",
     [
@@ -261,6 +275,8 @@ def test_bad_query_parameters_are_422(client: InProcessClient, params: dict[str,
         json.dumps({"acc": True}),
         '{"acc": NaN}',
         '{"acc": Infinity}',
+        json.dumps({"x" * 64 + "\n": 1.0}),  # a name that a regex's $ would let through before its newline
+        '{"acc": ' + "9" * 400 + "}",  # an integer no float holds
     ],
 )
 def test_bad_scalars_are_422_and_change_nothing(client: InProcessClient, header: str) -> None:
