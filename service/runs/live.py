@@ -73,6 +73,11 @@ class Pace:
         return (len(recent) - 1) / (now - recent[0])
 
 
+# a snapshot-only run keeps its steps' history rows in memory until its next snapshot writes them: at most this many
+# (~100 bytes each), whatever its snapshot_every
+MAX_UNWRITTEN_HISTORY = 100_000
+
+
 @dataclass
 class Live:
     """A run's state in this process, and where its durable history stands.
@@ -119,9 +124,10 @@ class Live:
     def snapshot_due(self) -> bool:
         """``snapshot_every`` events or more since the last snapshot, or (a run that logs its steps) as many as
         recovery could replay within its target: one more would take reading the snapshot and replaying the log
-        past ``recovery_target_s``."""
+        past ``recovery_target_s``; or (a snapshot-only run) its history waiting for a snapshot has grown to
+        ``MAX_UNWRITTEN_HISTORY`` rows."""
         since = self.seq - self.last_snapshot_seq
-        if since >= self.snapshot_every:
+        if since >= self.snapshot_every or len(self.unwritten_history) >= MAX_UNWRITTEN_HISTORY:
             return True
         if self.durability != "log" or self.recovery_target_s <= 0 or since == 0:
             return False

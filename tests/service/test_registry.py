@@ -140,3 +140,24 @@ def test_snapshots_keep_a_run_s_recovery_within_its_target(tmp_path: Path, targe
         (again,) = server.registry.live_runs()
         assert again.load_s > 0 and again.seq - again.last_snapshot_seq == 6 - last
         assert (again.replay_s > 0) == (last < 6)  # measured on the replay, where there was one
+
+
+def test_a_snapshot_only_run_s_waiting_history_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its history rows wait in memory for its next snapshot: past MAX_UNWRITTEN_HISTORY one is taken early."""
+    from service.runs import live as live_module
+
+    monkeypatch.setattr(live_module, "MAX_UNWRITTEN_HISTORY", 10)
+    with (
+        database("sqlite", tmp_path) as url,
+        InProcessServer(url, tmp_path, recovery_target_s=0) as server,
+        server.client() as c,
+    ):
+        _create(c, "quiet", durability="snapshot", snapshot_every=1000)
+        for t in range(6):
+            r = c.post("/runs/quiet/step", params={"t": t, "loss": 1.0}, content=encode(_grad(t)))
+            assert r.status_code == 200
+        (live,) = server.registry.live_runs()
+        server.registry.snapshots.wait(live.id)
+        assert c.get("/runs/quiet").json()["last_snapshot_t"] > 0 and len(live.unwritten_history) < 10 + 8
+        losses = c.get("/runs/quiet/history", params={"names": "loss"}).json()["series"]["loss"]
+        assert losses["t"] == list(range(live.last_snapshot_t))  # what the snapshots wrote, step by step
