@@ -26,6 +26,7 @@ against parameters (log-log) into ``bench/results/step_vs_params.png``; every ru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -55,6 +56,13 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _step_with(opt: Any, params: list[Any], grads: list[Any]) -> None:
+    """A worker's step: the same gradients into ``.grad``, then the optimizer (in-process or remote)."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    opt.step()
+
+
 # ------------------------------------------------------------------------------------------------ in-process
 def _in_process(millions: int, conn: Connection) -> None:
     import torch
@@ -63,13 +71,8 @@ def _in_process(millions: int, conn: Connection) -> None:
     params, grads = make_params(millions), make_grads(millions)
     opt = torch.optim.AdamW(params, lr=LR)
 
-    def step() -> None:
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        opt.step()
-
     conn.send("ready")
-    _serve_commands(conn, step)
+    _serve_commands(conn, functools.partial(_step_with, opt, params, grads))
 
 
 # ------------------------------------------------------------------------------------------------ peer
@@ -128,13 +131,8 @@ def _hosted(base: str, run: str, durability: str, millions: int, conn: Connectio
     named = [(str(i), p) for i, p in enumerate(params)]
     opt = RemoteOptimizer(named, url=base, run=run, optimizer="torch.AdamW", lr=LR, durability=durability)
 
-    def step() -> None:
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        opt.step()
-
     conn.send("ready")
-    _serve_commands(conn, step)
+    _serve_commands(conn, functools.partial(_step_with, opt, params, grads))
     opt.close()
 
 
