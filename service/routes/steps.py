@@ -12,12 +12,12 @@ from fastapi.responses import JSONResponse
 from schemas import RunPublic
 
 from .. import payloads
-from ..bodies import content_kind, read_body
+from ..bodies import binary_length, content_kind, read_body
 from ..deps import RegistryDep, RunName, SettingsDep, TenantDep
 from ..errors import InvalidPayload, RunNotFound
 from ..logs import note
 from ..payloads import SAFETENSORS, LiveTensorsResponse
-from ..runs import Later, Live, history, lifecycle, series, stepping, workers
+from ..runs import Later, Live, history, journal, lifecycle, series, stepping, workers
 from ..runs.gather import Pending
 from ..runs.stepping import Clock, StepOutcome, StepRequest
 
@@ -86,7 +86,19 @@ async def step(
     clock = Clock()
     sent_scalars = series.parse_scalars(scalars)  # a bad header is a 422 before anything is read
     hasher = payloads.Hasher()  # the gradient's digest, computed while it arrives
-    body = await read_body(request, settings.max_body_bytes, hasher)
+    # a run that logs its steps writes a large body to its log as it arrives (the step takes it, or it is dropped)
+    size = binary_length(request)
+    inflow = None
+    if size is not None and size <= settings.max_body_bytes:
+        inflow = journal.stream(registry.ctx, registry.live(tenant, run), size)
+    try:
+        body = await read_body(request, settings.max_body_bytes, hasher, inflow.stream.feed if inflow else None)
+    except BaseException:
+        if inflow is not None:
+            inflow.release()
+        raise
+    if inflow is not None:
+        inflow.stream.close()
     clock.lap("receive")
     step_request = StepRequest(
         t=t,
@@ -98,6 +110,7 @@ async def step(
         rank=rank,
         world_size=world_size,
         scalars=sent_scalars,
+        log=inflow,
     )
     live_answers: bool = request.app.state.live_answers
 
@@ -135,7 +148,7 @@ async def step(
         if live is not None and registry.snapshots.due(live):
             await registry.call(tenant, run, registry.snapshots.start)
 
-    return registry.answer(tenant, run, work, write=True, after=snapshot)
+    return registry.answer(tenant, run, work, write=True, after=snapshot, finally_=inflow.release if inflow else None)
 
 
 @router.get(

@@ -6,7 +6,10 @@ logged before the step goes on with it) or an epoch step. Its record is written 
 step runs beside the first:
 1. ``begin``: the payload's blob, on a log writer thread, staged ahead of the row that will name it (files are
    fsync'd; database rows are committed in short transactions of their own), so no database lock is held while
-   the optimizer steps;
+   the optimizer steps. With blobs in files, a step's body is already on its way: the route opens its file before
+   the body arrives and the log writer writes each piece as it comes (``stream``, ``Inflow``,
+   ``storage.streams``), so the disk works while the network does and the optimizer takes the body's memory as its
+   gradients (no copy); a request that applies nothing cancels it;
 2. ``commit``: once the step is done, one short write transaction: the event's row (its checksum of the new
    parameters, the gradient's digest) and the run's position and description in its ``run`` row.
 A crash between the two leaves a blob that nothing names, which the blob store collects at start-up; a step
@@ -25,6 +28,8 @@ from typing import Any
 
 from ..errors import StorageUnavailable
 from ..storage import new_key
+from ..storage.blobs import DirectoryBlobStore
+from ..storage.streams import BlobStream
 from .live import Live, RunContext
 
 log = logging.getLogger("optim_service")
@@ -37,11 +42,48 @@ class LogWrite:
     key: str | None
     blob: Future[int] | None
     started: float = field(default_factory=time.perf_counter)  # replaying the event costs about what this took
+    # a payload streamed in as it arrived (``Inflow``): every byte is in the kernel's hands, so the optimizer may
+    # take the body's memory as its gradients
+    written: Future[None] | None = None
 
 
-def begin(ctx: RunContext, live: Live, payload: bytes | memoryview | list[memoryview] | None) -> LogWrite | None:
-    """Start writing the record of the event about to be applied (its payload: a body, or the parts of one); None
-    for a run that logs nothing."""
+class Inflow:
+    """A step's payload going to the log while its body arrives (``storage.streams``): the step takes it as its log
+    write (``take``); a request that applies nothing leaves it, and it is cancelled (``release``)."""
+
+    def __init__(self, stream: BlobStream) -> None:
+        self.stream = stream
+        self._taken = False
+
+    def take(self) -> LogWrite:
+        self._taken = True
+        return LogWrite(key=self.stream.key, blob=self.stream.durable, written=self.stream.written)
+
+    def release(self) -> None:
+        """The request is over: the payload is dropped unless a step took it (non-blocking)."""
+        if not self._taken:
+            self.stream.cancel()
+
+
+def stream(ctx: RunContext, live: Live | None, size: int) -> Inflow | None:
+    """The log write of a step body of ``size`` bytes, started before it arrives; None where it cannot be: the run is
+    not in memory (its first request after a start), logs nothing, gathers its ranks' gradients into one step (the
+    log holds them as parts), the blobs are in the database, or the body is empty."""
+    if live is None or live.durability != "log" or size == 0 or not isinstance(ctx.blobs, DirectoryBlobStore):
+        return None
+    workers = live.state.spec.workers
+    if workers is not None and workers.mode == "sync":
+        return None
+    return Inflow(ctx.blobs.open_stream(new_key(), size, ctx.log_writers))
+
+
+def begin(
+    ctx: RunContext, live: Live, payload: bytes | memoryview | list[memoryview] | None, inflow: Inflow | None = None
+) -> LogWrite | None:
+    """Start writing the record of the event about to be applied (its payload: a body, or the parts of one; or the
+    body's ``inflow``, already on its way); None for a run that logs nothing."""
+    if inflow is not None:
+        return inflow.take()
     if live.durability != "log":
         return None
     if payload is None:

@@ -146,11 +146,12 @@ class RunRegistry:
         *args: Any,
         write: bool = False,
         after: Callable[[], Awaitable[None]] | None = None,
+        finally_: Callable[[], None] | None = None,
     ) -> Response:
         """A response that holds the run while ``fn(live, *args)`` builds it and while it is sent (or, if ``fn``
         answers ``Later``, that is awaited and sent after the hold); ``after`` runs once the hold is released (a
-        due snapshot)."""
-        return _HeldResponse(self, tenant, name, fn, args, write, after)
+        due snapshot); ``finally_`` once the response is over, whatever happened (it must not block)."""
+        return _HeldResponse(self, tenant, name, fn, args, write, after, finally_)
 
     # ------------------------------------------------------------------ memory
     async def _settle(self, key: RunKey, slot: _Slot) -> None:
@@ -240,19 +241,20 @@ class _HeldResponse(Response):
         args: tuple[Any, ...],
         write: bool,
         after: Callable[[], Awaitable[None]] | None,
+        finally_: Callable[[], None] | None,
     ) -> None:
         super().__init__()
-        self.registry, self.tenant, self.name, self.fn, self.args, self.write, self.after = (
-            registry,
-            tenant,
-            name,
-            fn,
-            args,
-            write,
-            after,
-        )
+        self.registry, self.tenant, self.name, self.fn, self.args = registry, tenant, name, fn, args
+        self.write, self.after, self.finally_ = write, after, finally_
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._respond(scope, receive, send)
+        finally:
+            if self.finally_ is not None:
+                self.finally_()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         later: Later | None = None
         async with self.registry.hold(self.tenant, self.name, write=self.write) as run:
             assert run.live is not None

@@ -74,6 +74,7 @@ class StepRequest:
     rank: int | None = None
     world_size: int | None = None
     scalars: dict[str, float] = field(default_factory=dict)  # the worker's, for the step's history (Optim-Scalars)
+    log: journal.Inflow | None = None  # the body written to the log as it arrived (``journal.stream``)
 
 
 @dataclass(frozen=True)
@@ -195,12 +196,18 @@ def _apply(
     """One optimizer step of ``decoded`` as the run's step ``t`` (the request's), logged beside it."""
     state = live.state
     t = request.t if t is None else t
-    # the gradient goes to the log while the optimizer steps: the payload is not the tensors the optimizer is
-    # given (those are decoded copies), so both proceed at once and the answer waits for both. A run that logs
-    # nothing gives the optimizer the body's own (writable) memory: the aligned gradients are not copied.
-    writer = journal.begin(ctx, live, decoded.payload)
+    # the gradient goes to the log while the optimizer steps (or went as the body arrived: ``request.log``). The
+    # optimizer is given the body's own (writable) memory, its aligned gradients not copied, when nothing else
+    # reads it: a run that logs nothing, or a body already in the log's file; else decoded copies, beside the write.
+    writer = journal.begin(ctx, live, decoded.payload, request.log)
+    written = writer.written if writer is not None else None
+    if written is not None:
+        written.result()  # the last piece handed to the kernel (its sync goes on beside the step)
+        clock.lap("inflow")
     payload = decoded.payload
-    donate = writer is None and (request.content_type == "json" or (isinstance(payload, memoryview) and not payload.readonly))
+    donate = (writer is None or written is not None) and (
+        request.content_type == "json" or (isinstance(payload, memoryview) and not payload.readonly)
+    )
     hessians = decoded.hessians if "hessian" in state.entry.needs or decoded.hessians else None
     lrs = state.lrs  # the LRs this step is applied with (the scheduler steps after it)
 
@@ -273,7 +280,7 @@ def _evaluate(
             expected_k=expected,
             reason="evaluation",
         )
-    writer = journal.begin(ctx, live, decoded.payload)
+    writer = journal.begin(ctx, live, decoded.payload, request.log)
     lrs = state.lrs  # before the step: its scheduler steps when the step is done
     try:
         pending = ctx.stepper.run(live.closure.provide, k, decoded.loss, decoded.grads)

@@ -18,6 +18,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import StorageUnavailable
 from ..settings import Settings
 from .repository import Repository
+from .streams import BlobStream
 
 if TYPE_CHECKING:  # the database module imports the repository too; the stores only need the type
     from .database import Database
@@ -242,15 +244,9 @@ class DirectoryBlobStore:
     def write_unsynced(self, key: str, parts: Parts) -> Unsynced:
         """The first half of ``put``: ``parts`` written into the blob's file at page cache speed, not yet durable nor
         named by its key (a snapshot written from the live state under the run's hold, synced after it)."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         views = [memoryview(part).cast("B") for part in parts]
-        size = sum(len(v) for v in views)
-        # a spare of the same size is rewritten in place: its size and blocks stay, so only the data is synced
-        spare = self._take_spare(size)
-        tmp = spare or path.with_suffix(".tmp")
+        file, fd = self._open(key, sum(len(v) for v in views))
         try:
-            fd = os.open(tmp, os.O_WRONLY) if spare else os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 for view in views:
                     while view:
@@ -258,9 +254,35 @@ class DirectoryBlobStore:
             finally:
                 os.close(fd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            file.tmp.unlink(missing_ok=True)
             raise StorageUnavailable(f"could not write blob {key}: {exc.strerror or exc}") from exc
-        return Unsynced(key=key, tmp=tmp, path=path, size=size, rewritten=spare is not None)
+        return file
+
+    def open_stream(self, key: str, size: int, executor: Executor) -> BlobStream:
+        """A blob of ``size`` bytes written as they arrive (``streams``), on ``executor``'s threads."""
+        file, fd = self._open(key, size)
+        return BlobStream(self, file, fd, executor)
+
+    def _open(self, key: str, size: int) -> tuple[Unsynced, int]:
+        """The file a blob of ``size`` bytes is written into, open for writing, and what ``sync`` will publish."""
+        path = self._path(key)
+        # a spare of the same size is rewritten in place: its size and blocks stay, so only the data is synced
+        spare = self._take_spare(size)
+        tmp = spare or path.with_suffix(".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY) if spare else os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            if spare:
+                self.give_back(Unsynced(key=key, tmp=tmp, path=path, size=size, rewritten=True))
+            raise StorageUnavailable(f"could not write blob {key}: {exc.strerror or exc}") from exc
+        return Unsynced(key=key, tmp=tmp, path=path, size=size, rewritten=spare is not None), fd
+
+    def give_back(self, file: Unsynced) -> None:
+        """A blob's file that will not be published (a cancelled stream): a spare again, or removed."""
+        with contextlib.suppress(OSError):
+            if not (file.rewritten and self._recycle(file.tmp)):
+                file.tmp.unlink(missing_ok=True)
 
     def sync(self, written: Unsynced) -> int:
         """The second half of ``put``: the file made durable under its key (the rename too), its size answered."""

@@ -137,3 +137,35 @@ def _answers_while_stepping(server: Server, client: httpx.Client, n: int) -> Non
         assert bitwise_equal(got, expected), f"the answer of step t={t} carried bytes of step t={t + 1}"
         assert stepped.status_code == 200 and not bitwise_equal(decode(stepped.content)["w"], expected)
         assert step(client, twin, t + 1, later).status_code == 200  # the twin keeps up
+
+
+def test_a_body_cut_off_part_way_leaves_no_log_file_and_changes_nothing(tmp_path: Path) -> None:
+    """The default (files beside SQLite) writes a step's body to its log file as it arrives: a worker that dies
+    part way through sending it leaves no file behind, the run where it was, and its retry is applied."""
+    n = 3_000_000  # 12 MB: several of the body reader's pieces reach the file before the connection drops
+    with database("sqlite", tmp_path) as url:
+        server = Server(url, tmp_path, blob_store="auto").start()
+        try:
+            with server.client() as client:
+                run = {"name": "cut", "spec": {"params": [{"name": "w", "shape": [n]}], "optimizer": {"name": "torch.AdamW"}}}
+                assert client.post("/runs", content=encode({"w": torch.zeros(n)}, {"run": json.dumps(run)})).status_code == 201
+                assert step(client, "cut", 0, {"w": torch.ones(n)}).status_code == 200
+                files = _blob_files(tmp_path)
+                digest = client.get("/runs/cut/digest").json()
+                body = encode({"w": torch.full((n,), 0.5)})
+                with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                    head = f"POST /runs/cut/step?t=1 HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n"
+                    sock.sendall(head.encode() + body[: len(body) * 2 // 3])
+                    time.sleep(0.5)  # the pieces that came are written
+                deadline = time.monotonic() + 10
+                while _blob_files(tmp_path) != files and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert _blob_files(tmp_path) == files
+                assert client.get("/runs/cut/digest").json() == digest
+                assert step(client, "cut", 1, {"w": torch.full((n,), 0.5)}).status_code == 200
+        finally:
+            server.stop()
+
+
+def _blob_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in (data_dir / "blobs").rglob("*") if p.is_file() and "spare" not in p.parts)
