@@ -131,9 +131,20 @@ def _hosted(base: str, run: str, durability: str, millions: int, conn: Connectio
     named = [(str(i), p) for i, p in enumerate(params)]
     opt = RemoteOptimizer(named, url=base, run=run, optimizer="torch.AdamW", lr=LR, durability=durability)
 
+    phases: list[dict[str, float]] = []
+
+    def step() -> None:
+        _step_with(opt, params, grads)
+        timings = opt.last_timings
+        phases.append({**{k: v for k, v in timings.items() if k != "server"}, **timings["server"]})
+
     conn.send("ready")
-    _serve_commands(conn, functools.partial(_step_with, opt, params, grads))
+    _serve_commands(conn, step)
     opt.close()
+    # where a step's time goes (the worker's encode and round trip, the service's Server-Timing), median per phase
+    medians = {k: round(statistics.median(p.get(k, 0.0) for p in phases), 2) for k in phases[-1]} if phases else {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"phases-{run}.json").write_text(json.dumps(medians))
 
 
 # ------------------------------------------------------------------------------------------------ the rounds
@@ -226,6 +237,11 @@ def show(millions: int, rounds: int, steps: int, summary: dict[str, dict[str, fl
     for name, row in summary.items():
         ratio = f"{row['ratio']:.2f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})" if "ratio" in row else "-"
         print(f"{name:<12} {row['median_ms']:>15.1f} {row['min_ms']:>9.1f}-{row['max_ms']:<10.1f}   {ratio}")
+    for run in ("off", "default", "db-blobs"):
+        path = RESULTS / f"phases-{run}.json"
+        if path.exists():
+            print(f"  {run} phases (ms, median): " + ", ".join(f"{k} {v}" for k, v in json.loads(path.read_text()).items()))
+            path.unlink()
 
 
 def plot(by_size: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
@@ -263,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps per round")
     parser.add_argument("--warmup", type=int, default=6, help="steps of each system before the rounds")
     parser.add_argument("--plot", type=int, nargs="+", metavar="MILLIONS", help="sizes to draw step time against")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="which systems take turns")
     parser.add_argument("--out", type=Path, default=RESULTS / "side_by_side.json")
     args = parser.parse_args(argv)
     started = time.time()
@@ -275,13 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         by_size = {}
         for millions in args.plot:
-            figures = alternate(millions, PLOTTED, args.rounds, args.steps, args.warmup)
+            figures = alternate(millions, tuple(s for s in PLOTTED if s in args.systems), args.rounds, args.steps, args.warmup)
             by_size[millions] = summarize(figures)
             show(millions, args.rounds, args.steps, by_size[millions])
         results["by_size"] = {str(m): s for m, s in by_size.items()}
         plot(by_size, args.out.with_name("step_vs_params.png"))
     else:
-        figures = alternate(args.millions, SYSTEMS, args.rounds, args.steps, args.warmup)
+        figures = alternate(args.millions, tuple(s for s in SYSTEMS if s in args.systems), args.rounds, args.steps, args.warmup)
         results["figures"] = figures
         results["summary"] = summarize(figures)
         show(args.millions, args.rounds, args.steps, results["summary"])
