@@ -102,7 +102,7 @@ def main() -> None:
 
     with service("sqlite", "directory") as server, httpx.Client(base_url=server.base, timeout=120) as client:
         assert server.proc is not None
-        pid = server.proc.pid
+        pid = server.serving_pid
         names = [f"run-{i:03d}" for i in range(args.runs)]
         setup = time.perf_counter()
         for i, name in enumerate(names):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import socket
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from optim_client.cli import checkpoints_app, runs_app
 
-from . import allocator, logs
+from . import allocator, logs, respawn
 from .settings import Settings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 cli = typer.Typer(help="optim-service: the optimizer of a training run, hosted.", no_args_is_help=True)
 cli.add_typer(runs_app, name="runs")
@@ -33,7 +37,7 @@ def serve(
     logs.configure(level, settings.log_format)
     if settings.tune_allocator:
         allocator.tune()
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, host=host, live_answers=True),
         host=host,
         port=port,
@@ -44,6 +48,19 @@ def serve(
         http=BodyProtocol,  # httptools, without uvicorn's two copies of each request body (service/protocol.py)
         timeout_graceful_shutdown=30,
     )
+    if not settings.restart_after_crash:
+        raise typer.Exit(_serve(config))
+    config.load()  # uvicorn's protocol and loop modules, imported here once rather than by each serving process
+    respawn.exit_like(respawn.serve(config.bind_socket(), lambda sock: _serve(config, [sock])))
+
+
+def _serve(config: uvicorn.Config, sockets: list[socket.socket] | None = None) -> int:
+    """Serve until stopped; 3 (uvicorn's code for it) if the server did not start."""
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    return 0 if server.started else 3
 
 
 @cli.command()

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         "newest one and replaying the log since would take longer (at the replay rate measured), even before "
         "snapshot_every steps; 0 leaves snapshots to snapshot_every alone.",
     )
+    restart_after_crash: bool = Field(
+        default=True,
+        description="serve from a process forked by a parent that holds the imports and the port, and fork a new one "
+        "at once when it is killed (OOM killer, segfault, kill -9), instead of a cold start of several seconds; false: "
+        "the server is one process, and whatever supervises it restarts it.",
+    )
     max_runs: int = Field(default=10_000, ge=1, description="Most runs a tenant may keep.")
     auth: Literal["auto", "required"] = Field(
         default="auto", description="auto: API keys required unless the server listens on loopback only."

@@ -81,12 +81,38 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def children(self) -> list[int]:
+        """The serving process (under ``OPTIM_RESTART_AFTER_CRASH``, the default, the process started is a parent that
+        forks it)."""
+        if not self.alive():
+            return []
+        assert self.proc is not None
+        try:
+            return [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+    @property
+    def serving_pid(self) -> int:
+        """The process that holds the runs and answers requests (for its memory in ``/proc``)."""
+        assert self.proc is not None
+        return next(iter(self.children()), self.proc.pid)
+
     def kill(self) -> None:
-        """SIGKILL: no shutdown hook runs, as in a crash."""
+        """SIGKILL to the server and its serving process: no shutdown hook runs, as in a crash of the machine."""
         if self.alive():
             assert self.proc is not None
+            children = self.children()
             self.proc.send_signal(signal.SIGKILL)
+            _kill_and_wait(children)
             self.proc.wait()
+
+    def kill_serving(self) -> list[int]:
+        """SIGKILL to the serving process alone (the OOM killer's choice, a segfault): the parent forks another one,
+        which answers on the same port. Returns the pids killed."""
+        children = self.children()
+        _kill_and_wait(children)
+        return children
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM: a clean stop (snapshot-only runs write theirs); killed if it takes longer than ``timeout``."""
@@ -97,3 +123,24 @@ class ServiceProcess:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _kill_and_wait(pids: list[int], timeout: float = 10) -> None:
+    """SIGKILL ``pids`` (not this process's children) and wait until each has died."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while not dead(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def dead(pid: int) -> bool:
+    """Whether ``pid`` has died and let go of its port and files: gone, or a zombie with no thread still exiting
+    (a killed process's main thread turns zombie before its other threads have closed the files they share)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state in ("Z", "X") and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True

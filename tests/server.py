@@ -90,6 +90,11 @@ class Server:
     def proc(self) -> subprocess.Popen[bytes] | None:
         return self.process.proc if self.process is not None else None
 
+    @property
+    def serving_pid(self) -> int:
+        assert self.process is not None
+        return self.process.serving_pid
+
     def start(self, timeout: float = 90) -> Server:
         env = {
             "OPTIM_DATABASE_URL": self.url,

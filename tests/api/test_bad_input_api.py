@@ -149,7 +149,7 @@ def test_absurd_t(client: httpx.Client, t: str) -> None:
 
 def _peak_rss(server: Server) -> int:
     assert server.proc is not None
-    status = open(f"/proc/{server.proc.pid}/status").read()
+    status = open(f"/proc/{server.serving_pid}/status").read()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 

@@ -23,7 +23,7 @@ STATE = 3 * 4 * NUMEL + 3 * 4  # parameters, exp_avg, exp_avg_sq (and three step
 
 def rss(server: Server) -> int:
     assert server.proc is not None
-    for line in open(f"/proc/{server.proc.pid}/status"):
+    for line in open(f"/proc/{server.serving_pid}/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")

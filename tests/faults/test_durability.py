@@ -162,6 +162,53 @@ def test_kill_9_resumes_bit_for_bit_on_each_device(device: str, tmp_path: Path) 
     assert all(bitwise_equal(p.cpu(), params[n]) for n, p in local.named_parameters())
 
 
+@pytest.mark.parametrize("db", DATABASES)
+def test_a_killed_serving_process_is_replaced_on_the_same_port_and_resumes_bit_for_bit(db: str, tmp_path: Path) -> None:
+    """kill -9 of the process that serves (between steps, and with a step in flight): its parent forks another one
+    that answers on the same port, with nothing restarted by the test, and the run ends bit for bit where torch's."""
+    model = make_model(4)
+    model.table = torch.nn.Parameter(torch.randn(1_000_000, generator=torch.Generator().manual_seed(4)) * 0.01)
+    grads = make_grads(model, STEPS, seed=4)
+    bodies = [encode(g) for g in grads]
+    kills = {7: "between", 30: "during", 31: "between", 64: "during"}
+    with database(db, tmp_path) as url:
+        server = Server(url, tmp_path).start()
+        assert server.process is not None and server.proc is not None
+        parent, serving = server.proc.pid, server.serving_pid
+        assert serving != parent
+        with server.client() as client:
+            _create(client, model, "respawn", snapshot_every=16)
+        for k in range(STEPS):
+            mode = kills.get(k)
+            if mode == "between":
+                assert server.process.kill_serving() == [serving]
+            elif mode == "during":
+                outcome: list[Any] = []
+                th = threading.Thread(target=_send_into, args=(outcome, server.base, "respawn", k, bodies[k]))
+                th.start()
+                time.sleep(0.02)
+                assert server.process.kill_serving() == [serving]
+                th.join()
+            if mode is not None:
+                deadline = time.monotonic() + 10
+                while server.process.children() in ([], [serving]):  # the parent forks the next one (after a back-off)
+                    assert time.monotonic() < deadline, "no serving process forked after the kill"
+                    time.sleep(0.01)
+                assert server.proc.pid == parent and server.proc.poll() is None
+                serving = server.serving_pid
+            r = _send(server.base, "respawn", k, bodies[k])  # the worker's retry, to the same address
+            assert r.status_code == 200, r.text
+        with server.client() as client:
+            params = decode(client.get("/runs/respawn/params").content)
+            ema = decode(client.get("/runs/respawn/averages/ema").content)
+        log = (tmp_path / "server-0.log").read_text()
+        server.stop()
+    assert server.starts == 1 and log.count('"event": "respawn"') == len(kills)
+    _, ref_ema = _reference(model, grads)
+    assert all(bitwise_equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(bitwise_equal(p, ema[n]) for n, p in ref_ema.module.named_parameters())
+
+
 def _send_into(outcome: list[Any], base: str, name: str, t: int, body: bytes) -> None:
     try:
         outcome.append(_send(base, name, t, body))
