@@ -107,11 +107,16 @@ class ServiceProcess:
             _kill_and_wait(children)
             self.proc.wait()
 
-    def kill_serving(self) -> list[int]:
-        """SIGKILL to the serving process alone (the OOM killer's choice, a segfault): the parent forks another one,
-        which answers on the same port. Returns the pids killed."""
+    def kill_serving(self, timeout: float = 30) -> list[int]:
+        """SIGKILL to the serving process alone (the OOM killer's choice, a segfault), then wait until the one its
+        parent forks (after a back-off, for quick deaths in a row) answers on the same port. Returns the pids killed."""
         children = self.children()
         _kill_and_wait(children)
+        deadline = time.monotonic() + timeout
+        while self.children() in ([], children) or not answers(self.host, self.port, timeout=timeout):
+            if time.monotonic() > deadline or not self.alive():
+                raise RuntimeError(f"no serving process answered within {timeout}s of the kill")
+            time.sleep(0.005)
         return children
 
     def stop(self, timeout: float = 30) -> None:
